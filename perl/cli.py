@@ -1,0 +1,111 @@
+"""`perl` command line: one command, one sub-command per job."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+
+def methods_report(model: str, *, rank: int, alpha: float, targets: list[str] | None,
+                   methods: list[str] | None = None, total_steps: int = 1024) -> dict[str, Any]:
+    """Trainable-parameter count of every method on one model shape (the paper's Table 4).
+
+    The model is built on the meta device: exact shapes, no memory, no weights needed.
+    """
+    from perl.methods import METHODS, MethodSpec, adapt, count_parameters
+    from perl.models import build_model
+
+    rows = []
+    total = None
+    for name in methods or list(METHODS):
+        base = build_model(model, device="meta", seed=None)
+        total = count_parameters(base)
+        method = METHODS[name]
+        spec_targets = tuple(targets) if targets and method.target_kind == "linear" else None
+        spec = MethodSpec(name=name, rank=rank, alpha=alpha, target_modules=spec_targets)
+        policy = adapt(base, spec, total_steps=total_steps)
+        rows.append(
+            {
+                "method": name,
+                "category": method.category,
+                "trains": method.summary,
+                "trainable": policy.num_trainable(),
+                "percent": policy.trainable_percent(),
+                "target_modules": list(policy.target_modules),
+            }
+        )
+    return {"model": model, "total_parameters": total, "rank": rank, "alpha": alpha, "methods": rows}
+
+
+def format_methods_table(report: dict[str, Any]) -> str:
+    lines = [
+        f"model: {report['model']}  total parameters: {report['total_parameters']:,}  "
+        f"rank {report['rank']}, alpha {report['alpha']:g}",
+        "",
+        "| method | category | trainable | % of base | trains | targets |",
+        "|---|---|---:|---:|---|---|",
+    ]
+    for row in report["methods"]:
+        targets = ",".join(row["target_modules"]) if row["target_modules"] else "all parameters"
+        lines.append(
+            f"| {row['method']} | {row['category']} | {row['trainable']:,} | {_pct(row['percent'])} "
+            f"| {row['trains']} | {targets} |"
+        )
+    return "\n".join(lines)
+
+
+def _pct(p: float) -> str:
+    return f"{p:.0f}%" if p >= 99.995 else (f"{p:.2f}%" if p >= 0.1 else f"{p:.4f}%")
+
+
+def _cmd_methods(args: argparse.Namespace) -> int:
+    from perl.methods import METHODS
+
+    unknown = [m for m in args.methods or [] if m not in METHODS]
+    if unknown:
+        print(f"error: --methods: unknown {unknown}; valid: {', '.join(METHODS)}", file=sys.stderr)
+        return 2
+    report = methods_report(args.model, rank=args.rank, alpha=args.alpha, targets=args.targets, methods=args.methods)
+    if args.format == "json":
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_methods_table(report))
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from perl.methods import DEFAULT_ALPHA, DEFAULT_RANK
+
+    parser = argparse.ArgumentParser(prog="perl", description="Parameter-efficient RL with verifiable rewards.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("methods", help="trainable parameters of every PEFT method on a model (paper Table 4)")
+    p.add_argument("--model", default="deepseek-r1-distill-qwen-1.5b",
+                   help="a known config name (see perl.models.KNOWN_CONFIGS) or a directory with config.json")
+    p.add_argument("--rank", type=int, default=DEFAULT_RANK)
+    p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA)
+    p.add_argument("--targets", nargs="+", default=None,
+                   help="linear target modules for the weight-update methods (default: all 7 projections)")
+    p.add_argument("--methods", nargs="+", default=None, help="subset of methods (default: all 13)")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+    p.add_argument("--output", default=None, help="also write the JSON report to this file")
+    p.set_defaults(func=_cmd_methods)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ValueError as e:  # spec / config errors: one clear line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

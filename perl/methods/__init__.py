@@ -1,0 +1,30 @@
+"""The PEFT method registry: `adapt(model, spec)` builds any of the 13 methods onto a HF causal LM.
+
+Where things are:
+- `spec.py`     the request (`MethodSpec`) and its validation, the paper's defaults;
+- `base.py`     the `Method` contract and `AdaptedPolicy`, what trainers hold;
+- `catalog.py`  the registry itself: one class per method.
+"""
+
+from .base import AdaptedPolicy, Method, canonical_name, count_parameters
+from .catalog import CATEGORIES, METHODS, adapt, get_method, load_adapted, method_table
+from .spec import ALL_LINEAR, DEFAULT_ALPHA, DEFAULT_DROPOUT, DEFAULT_RANK, MethodSpec, MethodSpecError
+
+__all__ = [
+    "ALL_LINEAR",
+    "CATEGORIES",
+    "DEFAULT_ALPHA",
+    "DEFAULT_DROPOUT",
+    "DEFAULT_RANK",
+    "METHODS",
+    "AdaptedPolicy",
+    "Method",
+    "MethodSpec",
+    "MethodSpecError",
+    "adapt",
+    "canonical_name",
+    "count_parameters",
+    "get_method",
+    "load_adapted",
+    "method_table",
+]

@@ -1,0 +1,253 @@
+"""The contract every PEFT method fulfils, and the adapted policy the trainer holds.
+
+A `Method` knows how to build itself onto a HF causal LM and what the trainer must do for it
+(optimizer groups, a per-step hook, an extra loss term, save/load). `AdaptedPolicy` binds one
+method to one model and is the only object trainers (verl engine, local engine) talk to.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from .spec import MethodSpec, MethodSpecError
+
+METADATA_FILE = "perl_method.json"
+FORMAT_VERSION = 1
+
+# Wrapper prefixes that FSDP1, activation checkpointing and torch.compile insert into parameter
+# names. Method logic keys on canonical names so that it stays right under those wrappers.
+_WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def canonical_name(name: str) -> str:
+    for prefix in _WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of distinct parameters (tied weights counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) in seen or (trainable_only and not p.requires_grad):
+            continue
+        seen.add(id(p))
+        total += p.numel()  # a DTensor reports its global size
+    return total
+
+
+def _is_norm(module: nn.Module) -> bool:
+    cls = type(module).__name__
+    return isinstance(module, nn.LayerNorm) or cls.endswith("RMSNorm") or cls.endswith("LayerNorm")
+
+
+def find_modules(model: nn.Module, leaf_names: tuple[str, ...]) -> dict[str, list[str]]:
+    """Map each requested leaf name to the full module names it matches (peft's suffix rule)."""
+    found: dict[str, list[str]] = {t: [] for t in leaf_names}
+    for full_name, _ in model.named_modules():
+        for target in leaf_names:
+            if full_name == target or full_name.endswith("." + target):
+                found[target].append(full_name)
+    return found
+
+
+def resolve_targets(model: nn.Module, targets: tuple[str, ...], kind: str, method: str) -> tuple[str, ...]:
+    """Check that every target names at least one module of the right kind; raise otherwise."""
+    found = find_modules(model, targets)
+    modules = dict(model.named_modules())
+    want = (lambda m: isinstance(m, nn.Linear)) if kind == "linear" else _is_norm
+    arch = type(model).__name__
+    for target, names in found.items():
+        if not names:
+            raise MethodSpecError(
+                f"peft.target_modules: {target!r} matches no module of {arch} (method {method}); "
+                f"{kind} modules available: {sorted(available_leaf_names(model, kind))}"
+            )
+        wrong = [n for n in names if not want(modules[n])]
+        if wrong:
+            raise MethodSpecError(
+                f"peft.target_modules: {target!r} matches {type(modules[wrong[0]]).__name__} module "
+                f"{wrong[0]!r}, but {method} adapts {kind} modules; "
+                f"available: {sorted(available_leaf_names(model, kind))}"
+            )
+    return tuple(targets)
+
+
+def available_leaf_names(model: nn.Module, kind: str) -> set[str]:
+    want = (lambda m: isinstance(m, nn.Linear)) if kind == "linear" else _is_norm
+    return {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if name and want(m)}
+
+
+def norm_leaf_names(model: nn.Module) -> tuple[str, ...]:
+    """Every norm layer of the blocks plus the final norm, by leaf name, in model order."""
+    names: list[str] = []
+    for full_name, module in model.named_modules():
+        if full_name and _is_norm(module):
+            leaf = full_name.rsplit(".", 1)[-1]
+            if leaf not in names:
+                names.append(leaf)
+    return tuple(names)
+
+
+class Method:
+    """One PEFT method. Subclasses live in `perl.methods.catalog` (the registry)."""
+
+    name: ClassVar[str]
+    category: ClassVar[str]  # the paper's grouping: Baseline, Structural, Efficient, Initialization, Other
+    summary: ClassVar[str]
+    options: ClassVar[dict[str, Any]] = {}  # method-specific options and their defaults
+    target_kind: ClassVar[str | None] = "linear"  # "linear", "norm", or None (no targets)
+
+    # ----- construction -------------------------------------------------------------------
+    def default_targets(self, model: nn.Module) -> tuple[str, ...]:
+        from .spec import ALL_LINEAR
+
+        return ALL_LINEAR
+
+    def validate(self, spec: MethodSpec, options: dict[str, Any], targets: tuple[str, ...]) -> None:
+        """Method-specific checks beyond the generic ones (override)."""
+
+    def build(self, model: nn.Module, spec: MethodSpec, options: dict[str, Any], targets: tuple[str, ...],
+              state: dict[str, Any]) -> nn.Module:
+        raise NotImplementedError
+
+    # ----- what the trainer needs -----------------------------------------------------------
+    def param_groups(self, policy: AdaptedPolicy, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+        params = [p for _, p in policy.trainable_parameters()]
+        return [{"name": "trainable", "params": params, "lr": lr, "weight_decay": weight_decay}]
+
+    def after_optimizer_step(self, policy: AdaptedPolicy, step: int) -> None:
+        """Called after `optimizer.step()` and before `zero_grad()` (gradients still present)."""
+
+    def extra_loss(self, policy: AdaptedPolicy) -> torch.Tensor | None:
+        """A term the trainer adds to its policy loss (AdaLoRA's orthogonal regulariser)."""
+        return None
+
+    # ----- persistence ----------------------------------------------------------------------
+    def save(self, policy: AdaptedPolicy, out_dir: str) -> None:
+        """Write a peft-format adapter (loadable with `PeftModel.from_pretrained`)."""
+        policy.model.save_pretrained(out_dir)
+
+    def load(self, base_model: nn.Module, in_dir: str, meta: dict[str, Any], is_trainable: bool,
+             state: dict[str, Any]) -> nn.Module:
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(base_model, in_dir, is_trainable=is_trainable)
+
+
+@dataclass
+class AdaptedPolicy:
+    """A HF causal LM adapted by one method, with everything a trainer needs from that method."""
+
+    model: nn.Module
+    spec: MethodSpec
+    method: Method
+    options: dict[str, Any]
+    target_modules: tuple[str, ...]
+    base_param_count: int
+    total_steps: int | None = None
+    state: dict[str, Any] = field(default_factory=dict)  # method-private (initial adapters, step counter)
+    optimizer_steps: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.method.name
+
+    def trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        seen: set[int] = set()
+        for name, p in self.model.named_parameters():
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                yield name, p
+
+    def num_trainable(self) -> int:
+        return sum(p.numel() for _, p in self.trainable_parameters())
+
+    def trainable_percent(self) -> float:
+        return 100.0 * self.num_trainable() / self.base_param_count
+
+    def param_groups(self, lr: float, weight_decay: float = 0.0) -> list[dict[str, Any]]:
+        """Optimizer parameter groups (each has a `name`; torch optimizers ignore unknown keys)."""
+        if not lr > 0:
+            raise ValueError(f"optim.lr must be > 0, got {lr!r}")
+        groups = [g for g in self.method.param_groups(self, lr, weight_decay) if g["params"]]
+        if not groups:
+            raise RuntimeError(f"method {self.name} left no trainable parameters")
+        return groups
+
+    def after_optimizer_step(self, step: int | None = None) -> None:
+        """Per-optimizer-step hook. `step` is the 1-based count of optimizer steps taken so far."""
+        self.optimizer_steps = self.optimizer_steps + 1 if step is None else int(step)
+        self.method.after_optimizer_step(self, self.optimizer_steps)
+
+    def extra_loss(self) -> torch.Tensor | None:
+        return self.method.extra_loss(self)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "method": self.name,
+            "category": self.method.category,
+            "trainable": self.num_trainable(),
+            "total": self.base_param_count,
+            "percent": self.trainable_percent(),
+            "target_modules": list(self.target_modules),
+            "options": self.options,
+        }
+
+    def save(self, out_dir: str) -> str:
+        """Save atomically: write into a sibling temp dir, then rename over `out_dir`."""
+        out_dir = os.path.abspath(out_dir)
+        parent = os.path.dirname(out_dir)
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+        try:
+            self.method.save(self, tmp)
+            meta = {
+                "perl_format": FORMAT_VERSION,
+                "method": self.name,
+                "spec": self.spec.to_dict(),
+                "options": self.options,
+                "target_modules": list(self.target_modules),
+                "base_param_count": self.base_param_count,
+                "total_steps": self.total_steps,
+                "optimizer_steps": self.optimizer_steps,
+            }
+            with open(os.path.join(tmp, METADATA_FILE), "w") as f:
+                json.dump(meta, f, indent=2, default=_json_default)
+            _replace_dir(tmp, out_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return out_dir
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (tuple, set)):
+        return list(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def _replace_dir(src: str, dst: str) -> None:
+    """Move `src` to `dst`; an existing `dst` is kept aside until the move has succeeded."""
+    if not os.path.exists(dst):
+        os.replace(src, dst)
+        return
+    aside = f"{dst}.old-{uuid.uuid4().hex[:8]}"
+    os.replace(dst, aside)
+    try:
+        os.replace(src, dst)
+    except BaseException:
+        os.replace(aside, dst)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)

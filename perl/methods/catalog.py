@@ -1,0 +1,602 @@
+"""The registry: full fine-tuning and the 12 PEFT methods of the paper (Table 1), one class each.
+
+Adding a method = one class here with `@register` (plus its recipe). Each class states what it
+trains and builds it with peft's own tuner where peft has one; what peft lacks is written here and
+marked as such (MiLoRA's minor-component init, AdaLoRA's regulariser outside `forward`, LoRA-FA's
+frozen A under sharding, the PiSSA/MiLoRA resume path).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from .base import (
+    METADATA_FILE,
+    AdaptedPolicy,
+    Method,
+    MethodSpecError,
+    canonical_name,
+    count_parameters,
+    norm_leaf_names,
+    resolve_targets,
+)
+from .spec import MethodSpec
+
+METHODS: dict[str, Method] = {}
+
+# The paper's categories, in its Table 3 order.
+CATEGORIES = ("Baseline", "Structural", "Efficient", "Initialization", "Other")
+
+
+def register(cls: type[Method]) -> type[Method]:
+    if cls.name in METHODS:
+        raise RuntimeError(f"method {cls.name!r} registered twice")
+    if cls.category not in CATEGORIES:
+        raise RuntimeError(f"method {cls.name!r}: unknown category {cls.category!r}")
+    METHODS[cls.name] = cls()
+    return cls
+
+
+def get_method(name: str) -> Method:
+    key = str(name).strip().lower().replace("-", "_")
+    if key not in METHODS:
+        raise MethodSpecError(f"peft.name: unknown method {name!r}; valid methods: {', '.join(METHODS)}")
+    return METHODS[key]
+
+
+def _owner_of(option: str) -> list[str]:
+    return [m.name for m in METHODS.values() if option in m.options]
+
+
+def resolve_options(method: Method, given: Mapping[str, Any]) -> dict[str, Any]:
+    """Method defaults overlaid with the user's options; foreign or unknown options are errors."""
+    resolved = dict(method.options)
+    for key, value in given.items():
+        if key not in method.options:
+            owners = _owner_of(key)
+            if owners:
+                raise MethodSpecError(
+                    f"peft option {key!r} belongs to {', '.join(owners)}, not to {method.name}; "
+                    f"{method.name} accepts: {sorted(method.options) or 'no options'}"
+                )
+            raise MethodSpecError(
+                f"peft option {key!r} is unknown for {method.name}; it accepts: {sorted(method.options) or 'no options'}"
+            )
+        resolved[key] = value
+    return resolved
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise MethodSpecError(msg)
+
+
+def _lora_layers(model: nn.Module):
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            yield name, module
+
+
+def _check_unflattened(policy: AdaptedPolicy, why: str) -> None:
+    """Methods that treat A and B differently need per-parameter names (FSDP2 / use_orig_params)."""
+    for name, _ in policy.model.named_parameters():
+        if "_flat_param" in name:
+            raise RuntimeError(
+                f"{policy.name} {why}, but parameter {name!r} is an FSDP1 flat parameter that mixes A and B; "
+                "use FSDP2 (fully_shard) or FSDP1 with use_orig_params=True"
+            )
+
+
+# ----------------------------------------------------------------------------------------------
+# Baseline
+# ----------------------------------------------------------------------------------------------
+
+
+@register
+class Full(Method):
+    name = "full"
+    category = "Baseline"
+    summary = "every parameter"
+    target_kind = None
+
+    def build(self, model, spec, options, targets, state):
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+
+    def save(self, policy, out_dir):
+        policy.model.save_pretrained(out_dir, safe_serialization=True)
+
+    def load(self, base_model, in_dir, meta, is_trainable, state):
+        from safetensors.torch import load_file
+        from transformers.modeling_utils import load_sharded_checkpoint
+
+        if os.path.exists(os.path.join(in_dir, "model.safetensors.index.json")):
+            load_sharded_checkpoint(base_model, in_dir, strict=True)
+        else:
+            sd = load_file(os.path.join(in_dir, "model.safetensors"))
+            missing, unexpected = base_model.load_state_dict(sd, strict=False)
+            tied = _tied_parameter_names(base_model)
+            bad = [k for k in missing if k not in tied]
+            if bad or unexpected:
+                raise RuntimeError(f"full checkpoint {in_dir} does not fit the base: missing {bad}, unexpected {unexpected}")
+        for p in base_model.parameters():
+            p.requires_grad_(is_trainable)
+        return base_model
+
+
+def _tied_parameter_names(model: nn.Module) -> set[str]:
+    by_id: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), []).append(name)
+    return {n for names in by_id.values() if len(names) > 1 for n in names}
+
+
+class _LoraFamily(Method):
+    """Methods built as peft `LoraConfig` variants (B @ A added to a linear layer)."""
+
+    def lora_kwargs(self, spec: MethodSpec, options: dict[str, Any]) -> dict[str, Any]:
+        return {}
+
+    def build(self, model, spec, options, targets, state):
+        from peft import LoraConfig, get_peft_model
+
+        kwargs = self.lora_kwargs(spec, options)
+        if any(p.is_meta for p in model.parameters()):
+            kwargs.pop("init_lora_weights", None)  # shapes only (parameter counting): no SVD of empty weights
+        config = LoraConfig(
+            r=spec.rank,
+            lora_alpha=spec.alpha,
+            lora_dropout=spec.dropout,
+            target_modules=list(targets),
+            bias="none",
+            task_type="CAUSAL_LM",
+            **kwargs,
+        )
+        return get_peft_model(model, config)
+
+
+@register
+class Lora(_LoraFamily):
+    name = "lora"
+    category = "Baseline"
+    summary = "B, A (A gaussian, B zero), scale alpha/r"
+
+
+# ----------------------------------------------------------------------------------------------
+# Structural
+# ----------------------------------------------------------------------------------------------
+
+
+@register
+class Dora(_LoraFamily):
+    name = "dora"
+    category = "Structural"
+    summary = "B, A and magnitude m (weight-decomposed LoRA)"
+
+    def lora_kwargs(self, spec, options):
+        return {"use_dora": True}
+
+
+@register
+class Adalora(Method):
+    name = "adalora"
+    category = "Structural"
+    summary = "P, Lambda, Q in SVD form; rank budget reallocated every step"
+    options = {
+        "init_r": None,  # default: round(1.5 * rank); the budget starts here ...
+        "target_r": None,  # default: rank; ... and ends here (average per module)
+        "tinit": None,  # default: 10% of total_steps, no pruning during warm-up
+        "tfinal": None,  # default: 20% of total_steps, budget frozen at the end
+        "delta_t": 1,
+        "beta1": 0.85,
+        "beta2": 0.85,
+        "orth_reg_weight": 0.5,
+    }
+
+    @staticmethod
+    def schedule(rank: int, options: dict[str, Any], total_steps: int | None) -> dict[str, Any]:
+        _require(
+            total_steps is not None and int(total_steps) >= 3,
+            f"adalora needs the run length to schedule its rank budget: pass total_steps >= 3 "
+            f"(the trainer's number of optimizer steps), got {total_steps!r}",
+        )
+        t = int(total_steps)
+        o = dict(options)
+        o["init_r"] = int(o["init_r"] if o["init_r"] is not None else round(1.5 * rank))
+        o["target_r"] = int(o["target_r"] if o["target_r"] is not None else rank)
+        o["tinit"] = int(o["tinit"] if o["tinit"] is not None else round(0.1 * t))
+        o["tfinal"] = int(o["tfinal"] if o["tfinal"] is not None else round(0.2 * t))
+        _require(1 <= o["target_r"] <= o["init_r"], f"adalora: need 1 <= target_r <= init_r, got {o['target_r']}, {o['init_r']}")
+        _require(o["tinit"] >= 0 and o["tfinal"] >= 0, "adalora: tinit and tfinal must be >= 0")
+        _require(
+            o["tinit"] < t - o["tfinal"],
+            f"adalora: tinit ({o['tinit']}) must be < total_steps - tfinal ({t} - {o['tfinal']})",
+        )
+        _require(int(o["delta_t"]) >= 1, f"adalora: delta_t must be >= 1, got {o['delta_t']}")
+        return o
+
+    def build(self, model, spec, options, targets, state):
+        from peft import AdaLoraConfig, get_peft_model
+
+        config = AdaLoraConfig(
+            init_r=options["init_r"],
+            target_r=options["target_r"],
+            tinit=options["tinit"],
+            tfinal=options["tfinal"],
+            deltaT=int(options["delta_t"]),
+            beta1=options["beta1"],
+            beta2=options["beta2"],
+            orth_reg_weight=options["orth_reg_weight"],
+            total_step=state["total_steps"],
+            lora_alpha=spec.alpha,
+            lora_dropout=spec.dropout,
+            target_modules=list(targets),
+            task_type="CAUSAL_LM",
+        )
+        return get_peft_model(model, config)
+
+    def after_optimizer_step(self, policy, step):
+        # peft: "call update_and_allocate after optimizer.step() and before zero_grad()".
+        policy.model.base_model.update_and_allocate(step)
+
+    def extra_loss(self, policy):
+        # peft adds this term only inside AdaLoraModel.forward when HF labels are passed, which an
+        # RL loss never does; same formula as peft, computed here so the trainer can add it.
+        weight = float(policy.options["orth_reg_weight"])
+        terms = []
+        for name, p in policy.model.named_parameters():
+            if not p.requires_grad or p.numel() == 0:
+                continue
+            if ".lora_A." in name:
+                cov = p @ p.T
+            elif ".lora_B." in name:
+                cov = p.T @ p
+            else:
+                continue
+            eye = torch.eye(*cov.shape, dtype=cov.dtype, device=cov.device)
+            terms.append(torch.linalg.matrix_norm(cov - eye, ord="fro"))
+        if not terms:
+            return None
+        return weight * torch.stack(terms).mean()
+
+    def budget(self, policy: AdaptedPolicy) -> int:
+        """Ranks currently alive: the number of non-zero singular values across all modules."""
+        total = 0
+        for name, p in policy.model.named_parameters():
+            if ".lora_E." in name:
+                total += int((p.detach() != 0).sum())
+        return total
+
+
+@register
+class Miss(Method):
+    name = "miss"
+    category = "Structural"
+    summary = "shard D of shape (r, d_out), expanded over the input dimension"
+    options = {"variant": "default", "mini_r": 1}
+
+    def build(self, model, spec, options, targets, state):
+        from peft import MissConfig, get_peft_model
+
+        variants = {"default": True, "bat": "bat", "mini": "mini"}
+        _require(options["variant"] in variants, f"miss: option variant must be one of {sorted(variants)}, got {options['variant']!r}")
+        config = MissConfig(
+            r=spec.rank,
+            miss_dropout=spec.dropout,
+            target_modules=list(targets),
+            init_weights=variants[options["variant"]],
+            mini_r=int(options["mini_r"]),
+            task_type="CAUSAL_LM",
+        )
+        return get_peft_model(model, config)
+
+
+# ----------------------------------------------------------------------------------------------
+# Efficient
+# ----------------------------------------------------------------------------------------------
+
+
+@register
+class LoraFA(_LoraFamily):
+    name = "lora_fa"
+    category = "Efficient"
+    summary = "B only; A frozen at its random init"
+
+    def build(self, model, spec, options, targets, state):
+        model = super().build(model, spec, options, targets, state)
+        self._freeze_a(model)
+        return model
+
+    @staticmethod
+    def _freeze_a(model: nn.Module) -> None:
+        for name, p in model.named_parameters():
+            if ".lora_A." in canonical_name(name):
+                p.requires_grad_(False)
+
+    def param_groups(self, policy, lr, weight_decay):
+        # Select B by name, not only by requires_grad: peft's set_adapter / wrappers may flip
+        # requires_grad back on, and A must never reach the optimizer.
+        _check_unflattened(policy, "must keep A frozen while B trains")
+        self._freeze_a(policy.model)
+        params = [p for n, p in policy.trainable_parameters() if ".lora_B." in canonical_name(n)]
+        return [{"name": "lora_B", "params": params, "lr": lr, "weight_decay": weight_decay}]
+
+    def after_optimizer_step(self, policy, step):
+        self._freeze_a(policy.model)
+
+
+@register
+class Vera(Method):
+    name = "vera"
+    category = "Efficient"
+    summary = "scaling vectors d, b; shared frozen random A, B"
+    options = {"d_initial": 0.1, "projection_prng_key": 0, "save_projection": True}
+
+    def build(self, model, spec, options, targets, state):
+        from peft import VeraConfig, get_peft_model
+
+        config = VeraConfig(
+            r=spec.rank,
+            target_modules=list(targets),
+            vera_dropout=spec.dropout,
+            d_initial=float(options["d_initial"]),
+            projection_prng_key=int(options["projection_prng_key"]),
+            save_projection=bool(options["save_projection"]),
+            task_type="CAUSAL_LM",
+        )
+        return get_peft_model(model, config)
+
+
+# ----------------------------------------------------------------------------------------------
+# Initialization
+# ----------------------------------------------------------------------------------------------
+
+
+@register
+class LoraPlus(_LoraFamily):
+    name = "lora_plus"
+    category = "Initialization"
+    summary = "B, A with lr_B = lr_ratio * lr_A"
+    options = {"lr_ratio": 16.0}  # LoRA+ paper's recommended 2^4
+
+    def param_groups(self, policy, lr, weight_decay):
+        ratio = float(policy.options["lr_ratio"])
+        _require(ratio > 0, f"lora_plus: option lr_ratio must be > 0, got {ratio}")
+        _check_unflattened(policy, "needs separate learning rates for A and B")
+        a, b = [], []
+        for n, p in policy.trainable_parameters():
+            (b if ".lora_B." in canonical_name(n) else a).append(p)
+        return [
+            {"name": "lora_A", "params": a, "lr": lr, "weight_decay": weight_decay},
+            {"name": "lora_B", "params": b, "lr": lr * ratio, "weight_decay": weight_decay},
+        ]
+
+
+@register
+class RsLora(_LoraFamily):
+    name = "rslora"
+    category = "Initialization"
+    summary = "B, A with scale alpha/sqrt(r)"
+
+    def lora_kwargs(self, spec, options):
+        return {"use_rslora": True}
+
+
+class _SvdInitLora(_LoraFamily):
+    """PiSSA and MiLoRA: A, B from an SVD of W, base replaced by the residual W - s*B@A.
+
+    Saved as a plain LoRA delta (rank 2r: [A | A0], [B | -B0], peft's own conversion), so the
+    adapter loads on the *original* base with `PeftModel.from_pretrained`. Loading with
+    `is_trainable=True` rebuilds the residual form exactly (same fp32 arithmetic as the init).
+    """
+
+    INITIAL = "initial_adapter"
+
+    def build(self, model, spec, options, targets, state):
+        model = super().build(model, spec, options, targets, state)
+        self.init_adapter(model)
+        state["initial_adapter"] = {
+            k: v.detach().clone() for k, v in model.state_dict().items() if ".lora_A." in k or ".lora_B." in k
+        }
+        return model
+
+    def init_adapter(self, model: nn.Module) -> None:
+        """Hook for inits peft does not have (MiLoRA); PiSSA's is done by peft itself."""
+
+    def save(self, policy, out_dir):
+        init_dir = os.path.join(out_dir, self.INITIAL)
+        policy.model.save_pretrained(init_dir, state_dict=policy.state["initial_adapter"])
+        policy.model.save_pretrained(out_dir, path_initial_model_for_weight_conversion=init_dir)
+        # peft's conversion loads the initial adapter and may toggle requires_grad; restore the policy.
+        policy.model.set_adapter("default")
+
+    def load(self, base_model, in_dir, meta, is_trainable, state):
+        from peft import PeftModel
+
+        if not is_trainable:
+            return PeftModel.from_pretrained(base_model, in_dir)
+        # Resume: split the converted delta back into (trained, initial) and rebuild W_res.
+        from safetensors.torch import load_file
+
+        spec = MethodSpec.from_dict(meta["spec"])
+        model = _LoraFamily.build(self, base_model, spec, meta["options"], tuple(meta["target_modules"]), state)
+        delta = load_file(os.path.join(in_dir, "adapter_model.safetensors"))
+        r = spec.rank
+        initial = {}
+        for name, layer in _lora_layers(model):
+            key = name.removeprefix("base_model.model.")
+            a2 = delta[f"base_model.model.{key}.lora_A.weight"]
+            b2 = delta[f"base_model.model.{key}.lora_B.weight"]
+            a, a0, b, b0 = a2[:r], a2[r:], b2[:, :r], -b2[:, r:]
+            layer.lora_A["default"].weight.data = a0.clone()
+            layer.lora_B["default"].weight.data = b0.clone()
+            _subtract_into_base(layer, "default")
+            initial[f"{name}.lora_A.default.weight"] = a0.clone()
+            initial[f"{name}.lora_B.default.weight"] = b0.clone()
+            layer.lora_A["default"].weight.data = a.clone()
+            layer.lora_B["default"].weight.data = b.clone()
+        state["initial_adapter"] = initial
+        return model
+
+
+def _subtract_into_base(layer, adapter: str) -> None:
+    """W <- W - scaling * B @ A in fp32 (peft's pissa_init arithmetic, so resume is bit-exact)."""
+    base = layer.get_base_layer()
+    _require(not getattr(layer, "fan_in_fan_out", False), "SVD-initialised methods need nn.Linear weights (fan_in_fan_out=False)")
+    dtype = base.weight.dtype
+    a = layer.lora_A[adapter].weight
+    b = layer.lora_B[adapter].weight
+    weight = base.weight.data.to(torch.float32) - layer.scaling[adapter] * b.data @ a.data
+    base.weight.data = weight.to(dtype)
+
+
+@register
+class Pissa(_SvdInitLora):
+    name = "pissa"
+    category = "Initialization"
+    summary = "B, A from the top-r SVD of W; base becomes W - BA"
+    options = {"niter": None}  # None: exact SVD; an int: peft's fast randomized SVD with that many iterations
+
+    def lora_kwargs(self, spec, options):
+        niter = options["niter"]
+        return {"init_lora_weights": "pissa" if niter is None else f"pissa_niter_{int(niter)}"}
+
+
+@register
+class Milora(_SvdInitLora):
+    name = "milora"
+    category = "Initialization"
+    summary = "B, A from the minor (bottom-r) SVD components of W; base becomes W - BA"
+
+    def init_adapter(self, model):
+        # Not in peft: PiSSA's construction applied to the r smallest singular triplets.
+        for name, layer in _lora_layers(model):
+            base = layer.get_base_layer()
+            w = base.weight
+            r = layer.r["default"]
+            _require(r <= min(w.shape), f"milora: rank {r} exceeds min(shape) {tuple(w.shape)} of {name}")
+            if w.is_meta:  # shapes only (parameter counting); nothing to decompose
+                continue
+            u, s, vh = torch.linalg.svd(w.data.to(torch.float32), full_matrices=False)
+            s_r = s[-r:] / layer.scaling["default"]
+            layer.lora_A["default"].weight.data = (torch.diag(torch.sqrt(s_r)) @ vh[-r:]).contiguous()
+            layer.lora_B["default"].weight.data = (u[:, -r:] @ torch.diag(torch.sqrt(s_r))).contiguous()
+            _subtract_into_base(layer, "default")
+
+
+# ----------------------------------------------------------------------------------------------
+# Other
+# ----------------------------------------------------------------------------------------------
+
+
+@register
+class Ia3(Method):
+    name = "ia3"
+    category = "Other"
+    summary = "rescaling vectors on k, v outputs and the FFN input of down_proj"
+    options = {"feedforward_modules": ("down_proj",)}
+
+    def default_targets(self, model):
+        return ("k_proj", "v_proj", "down_proj")
+
+    def build(self, model, spec, options, targets, state):
+        from peft import IA3Config, get_peft_model
+
+        ff = options["feedforward_modules"]
+        ff = (ff,) if isinstance(ff, str) else tuple(ff)
+        missing = [m for m in ff if m not in targets]
+        _require(not missing, f"ia3: feedforward_modules {missing} must also be in target_modules {list(targets)}")
+        config = IA3Config(target_modules=list(targets), feedforward_modules=list(ff), task_type="CAUSAL_LM")
+        return get_peft_model(model, config)
+
+
+@register
+class LnTuning(Method):
+    name = "ln_tuning"
+    category = "Other"
+    summary = "norm gains (and biases) of every block and the final norm"
+    target_kind = "norm"
+
+    def default_targets(self, model):
+        return norm_leaf_names(model)
+
+    def build(self, model, spec, options, targets, state):
+        from peft import LNTuningConfig, get_peft_model
+
+        return get_peft_model(model, LNTuningConfig(target_modules=list(targets), task_type="CAUSAL_LM"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Public entry points
+# ----------------------------------------------------------------------------------------------
+
+
+def _prepare(method: Method, model: nn.Module, spec: MethodSpec, total_steps: int | None):
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        raise MethodSpecError("model is already a PeftModel; pass the plain base model")
+    options = resolve_options(method, spec.options)
+    if isinstance(method, Adalora):
+        options = Adalora.schedule(spec.rank, options, total_steps)
+    if method.target_kind is None:
+        _require(spec.target_modules is None, f"{method.name} trains every parameter; peft.target_modules does not apply")
+        targets: tuple[str, ...] = ()
+    else:
+        targets = spec.target_modules or method.default_targets(model)
+        resolve_targets(model, targets, method.target_kind, method.name)
+    return options, targets
+
+
+def adapt(model: nn.Module, spec: MethodSpec | Mapping[str, Any], *, total_steps: int | None = None) -> AdaptedPolicy:
+    """Adapt a loaded HF causal LM with one PEFT method (in place) and return the policy.
+
+    `total_steps` is the run length in optimizer steps; AdaLoRA needs it for its rank schedule.
+    """
+    if not isinstance(spec, MethodSpec):
+        spec = MethodSpec.from_dict(spec)
+    method = get_method(spec.name)
+    options, targets = _prepare(method, model, spec, total_steps)
+    base_count = count_parameters(model)
+    state: dict[str, Any] = {"total_steps": total_steps}
+    adapted = method.build(model, spec, options, targets, state)
+    return AdaptedPolicy(adapted, spec, method, options, targets, base_count, total_steps, state)
+
+
+def load_adapted(base_model: nn.Module, path: str, *, is_trainable: bool = False) -> AdaptedPolicy:
+    """Load a policy saved by `AdaptedPolicy.save` onto a fresh copy of the original base model."""
+    meta_path = os.path.join(path, METADATA_FILE)
+    if not os.path.exists(meta_path):
+        raise FileNotFoundError(
+            f"{path} has no {METADATA_FILE}: not a PeRL checkpoint (a plain peft adapter loads with PeftModel.from_pretrained)"
+        )
+    with open(meta_path) as f:
+        meta = json.load(f)
+    spec = MethodSpec.from_dict(meta["spec"])
+    method = get_method(meta["method"])
+    base_count = count_parameters(base_model)
+    if base_count != meta["base_param_count"]:
+        raise ValueError(
+            f"{path} was trained on a base with {meta['base_param_count']} parameters; this base has {base_count}"
+        )
+    state: dict[str, Any] = {"total_steps": meta.get("total_steps")}
+    model = method.load(base_model, path, meta, is_trainable, state)
+    policy = AdaptedPolicy(
+        model, spec, method, meta["options"], tuple(meta["target_modules"]), base_count, meta.get("total_steps"), state
+    )
+    policy.optimizer_steps = int(meta.get("optimizer_steps", 0))
+    return policy
+
+
+def method_table() -> list[dict[str, str]]:
+    """Name, category and what each registered method trains (for docs and `perl methods`)."""
+    return [{"name": m.name, "category": m.category, "trains": m.summary} for m in METHODS.values()]

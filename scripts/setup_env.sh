@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Create (or reuse) ./.venv with the CPU stack: torch 2.13.0 CPU first, then PeRL and its pins.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+# shellcheck disable=SC1091
+. .venv/bin/activate
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+pip install -q torch==2.13.0
+pip install -q -c constraints/cpu.txt -e ".[test]"
