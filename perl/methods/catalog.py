@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -117,17 +118,21 @@ class Full(Method):
 
     def load(self, base_model, in_dir, meta, is_trainable, state):
         from safetensors.torch import load_file
-        from transformers.modeling_utils import load_sharded_checkpoint
 
-        if os.path.exists(os.path.join(in_dir, "model.safetensors.index.json")):
-            load_sharded_checkpoint(base_model, in_dir, strict=True)
+        index = os.path.join(in_dir, "model.safetensors.index.json")
+        if os.path.exists(index):  # sharded HF checkpoint
+            with open(index) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
         else:
-            sd = load_file(os.path.join(in_dir, "model.safetensors"))
-            missing, unexpected = base_model.load_state_dict(sd, strict=False)
-            tied = _tied_parameter_names(base_model)
-            bad = [k for k in missing if k not in tied]
-            if bad or unexpected:
-                raise RuntimeError(f"full checkpoint {in_dir} does not fit the base: missing {bad}, unexpected {unexpected}")
+            files = ["model.safetensors"]
+        sd: dict[str, torch.Tensor] = {}
+        for name in files:
+            sd.update(load_file(os.path.join(in_dir, name)))
+        missing, unexpected = base_model.load_state_dict(sd, strict=False)
+        tied = _tied_parameter_names(base_model)
+        bad = [k for k in missing if k not in tied]
+        if bad or unexpected:
+            raise RuntimeError(f"full checkpoint {in_dir} does not fit the base: missing {bad}, unexpected {unexpected}")
         for p in base_model.parameters():
             p.requires_grad_(is_trainable)
         return base_model
@@ -146,12 +151,13 @@ class _LoraFamily(Method):
     def lora_kwargs(self, spec: MethodSpec, options: dict[str, Any]) -> dict[str, Any]:
         return {}
 
-    def build(self, model, spec, options, targets, state):
+    def build(self, model, spec, options, targets, state, plain_init=False):
         from peft import LoraConfig, get_peft_model
 
         kwargs = self.lora_kwargs(spec, options)
-        if any(p.is_meta for p in model.parameters()):
-            kwargs.pop("init_lora_weights", None)  # shapes only (parameter counting): no SVD of empty weights
+        if plain_init or any(p.is_meta for p in model.parameters()):
+            # plain_init: weights are about to be overwritten (resume); meta: shapes only, no SVD.
+            kwargs.pop("init_lora_weights", None)
         config = LoraConfig(
             r=spec.rank,
             lora_alpha=spec.alpha,
@@ -267,6 +273,13 @@ class Adalora(Method):
         if not terms:
             return None
         return weight * torch.stack(terms).mean()
+
+    def load(self, base_model, in_dir, meta, is_trainable, state):
+        with warnings.catch_warnings():
+            # AdaLoRA's rank_pattern is keyed by lora_E parameters, which peft's generic pattern check
+            # mistakes for unmatched modules; AdaLoraModel resizes by it correctly.
+            warnings.filterwarnings("ignore", message="The following rank_pattern keys did not match")
+            return super().load(base_model, in_dir, meta, is_trainable, state)
 
     def budget(self, policy: AdaptedPolicy) -> int:
         """Ranks currently alive: the number of non-zero singular values across all modules."""
@@ -428,7 +441,9 @@ class _SvdInitLora(_LoraFamily):
         from safetensors.torch import load_file
 
         spec = MethodSpec.from_dict(meta["spec"])
-        model = _LoraFamily.build(self, base_model, spec, meta["options"], tuple(meta["target_modules"]), state)
+        model = _LoraFamily.build(
+            self, base_model, spec, meta["options"], tuple(meta["target_modules"]), state, plain_init=True
+        )
         delta = load_file(os.path.join(in_dir, "adapter_model.safetensors"))
         r = spec.rank
         initial = {}
@@ -532,7 +547,11 @@ class LnTuning(Method):
     def build(self, model, spec, options, targets, state):
         from peft import LNTuningConfig, get_peft_model
 
-        return get_peft_model(model, LNTuningConfig(target_modules=list(targets), task_type="CAUSAL_LM"))
+        config = LNTuningConfig(target_modules=list(targets), task_type="CAUSAL_LM")
+        with warnings.catch_warnings():
+            # peft warns on any non-LayerNorm class; RMSNorm is deep-copied and tuned the same way.
+            warnings.filterwarnings("ignore", message="Unsupported layer type")
+            return get_peft_model(model, config)
 
 
 # ----------------------------------------------------------------------------------------------

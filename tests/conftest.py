@@ -1,0 +1,56 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+from perl.models import build_model
+
+ARCHS = ("tiny-qwen2", "tiny-llama")
+VOCAB = 256
+
+
+def fresh_base(arch: str, seed: int = 0):
+    """The same random base every call (seeded), fp32, eval mode."""
+    return build_model(arch, seed=seed)
+
+
+def batch(seed: int = 1, n: int = 2, length: int = 12):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (n, length), generator=g)
+
+
+@torch.no_grad()
+def logits_of(model, ids):
+    was_training = model.training
+    model.eval()
+    out = model(input_ids=ids).logits.float()
+    model.train(was_training)
+    return out
+
+
+def train_steps(policy, steps: int = 3, lr: float = 1e-2, seed: int = 2):
+    """A few AdamW steps of next-token loss on random tokens, with the method's hook and extra loss."""
+    opt = torch.optim.AdamW(policy.param_groups(lr), lr=lr)
+    policy.model.train()
+    for step in range(steps):
+        ids = batch(seed + step, n=4, length=16)
+        loss = torch.nn.functional.cross_entropy(
+            policy.model(input_ids=ids).logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1)
+        )
+        extra = policy.extra_loss()
+        if extra is not None:
+            loss = loss + extra
+        loss.backward()
+        opt.step()
+        policy.after_optimizer_step()
+        opt.zero_grad(set_to_none=True)
+    policy.model.eval()
+    return opt
+
+
+@pytest.fixture(params=ARCHS)
+def arch(request):
+    return request.param
