@@ -12,6 +12,9 @@ from perl.methods import METHODS, adapt, load_adapted
 
 PEFT_METHODS = sorted(set(METHODS) - {"full"})
 SPEC = {"rank": 4, "alpha": 8.0}
+# Reloaded in another arithmetic form: PiSSA/MiLoRA as W + [B|-B0][A|A0] instead of W_res + BA,
+# AdaLoRA with its pruned ranks physically removed. Every other method reloads bit for bit.
+REARRANGED = {"pissa", "milora", "adalora"}
 
 
 def _trained(arch, name, steps=3):
@@ -46,7 +49,10 @@ def test_save_load_on_fresh_base_reproduces_logits(arch, name, tmp_path):
 
     loaded = load_adapted(fresh_base(arch), out)
     got = logits_of(loaded.model, ids)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    if name in REARRANGED:  # same function, different fp32 summation order: rounding only
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    else:
+        assert torch.equal(got, want), (got - want).abs().max()
     if name != "full":  # the directory is a plain peft adapter too
         from peft import PeftModel
 

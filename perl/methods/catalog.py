@@ -87,12 +87,20 @@ def _lora_layers(model: nn.Module):
 
 
 def _check_unflattened(policy: AdaptedPolicy, why: str) -> None:
-    """Methods that treat A and B differently need per-parameter names (FSDP2 / use_orig_params)."""
-    for name, _ in policy.model.named_parameters():
-        if "_flat_param" in name:
+    """Methods that treat A and B differently must be able to tell them apart by name.
+
+    FSDP2 and FSDP1 with use_orig_params=True keep per-parameter names. FSDP1 without it flattens
+    each wrapped unit into one `_flat_param`; that is fine when the LoRA linears are their own
+    units (verl's LoRA wrap policy; FSDP1 itself refuses mixed requires_grad in one unit), and
+    ambiguous otherwise, which we refuse rather than guess.
+    """
+    for name, p in policy.model.named_parameters():
+        cname = canonical_name(name)
+        if "_flat_param" in cname and p.requires_grad and ".lora_A." not in cname and ".lora_B." not in cname:
             raise RuntimeError(
-                f"{policy.name} {why}, but parameter {name!r} is an FSDP1 flat parameter that mixes A and B; "
-                "use FSDP2 (fully_shard) or FSDP1 with use_orig_params=True"
+                f"{policy.name} {why}, but trainable parameter {name!r} is an FSDP1 flat parameter that does "
+                "not belong to one LoRA matrix; wrap each LoRA linear as its own FSDP unit, use FSDP2 "
+                "(fully_shard), or FSDP1 with use_orig_params=True"
             )
 
 
@@ -428,7 +436,10 @@ class _SvdInitLora(_LoraFamily):
     def save(self, policy, out_dir):
         init_dir = os.path.join(out_dir, self.INITIAL)
         policy.model.save_pretrained(init_dir, state_dict=policy.state["initial_adapter"])
-        policy.model.save_pretrained(out_dir, path_initial_model_for_weight_conversion=init_dir)
+        with warnings.catch_warnings():
+            # the conversion briefly loads the initial adapter beside PiSSA's; peft warns about that mix
+            warnings.filterwarnings("ignore", message="PiSSA changes the base weights")
+            policy.model.save_pretrained(out_dir, path_initial_model_for_weight_conversion=init_dir)
         # peft's conversion loads the initial adapter and may toggle requires_grad; restore the policy.
         policy.model.set_adapter("default")
 
