@@ -9,5 +9,7 @@ fi
 # shellcheck disable=SC1091
 . .venv/bin/activate
 export PIP_DISABLE_PIP_VERSION_CHECK=1
-pip install -q torch==2.13.0
-pip install -q -c constraints/cpu.txt -e ".[test]"
+# pip -q still prints one warning per unreadable local index entry on some machines; drop those.
+quiet_pip() { pip install -q "$@" 2>&1 | { grep -v "^WARNING: Location '" || true; }; }
+quiet_pip torch==2.13.0
+quiet_pip -c constraints/cpu.txt -e ".[test]"
