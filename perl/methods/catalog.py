@@ -153,20 +153,34 @@ def _tied_parameter_names(model: nn.Module) -> set[str]:
     return {n for names in by_id.values() if len(names) > 1 for n in names}
 
 
-class _LoraFamily(Method):
+class _PeftTuner(Method):
+    """Methods that are one peft tuner config applied with `get_peft_model`."""
+
+    def peft_config(self, spec: MethodSpec, options: dict[str, Any], targets: tuple[str, ...], state: dict[str, Any]):
+        raise NotImplementedError
+
+    def build(self, model, spec, options, targets, state):
+        from peft import get_peft_model
+
+        if any(p.is_meta for p in model.parameters()):
+            state["shapes_only"] = True  # parameter counting: skip data-dependent inits
+        return get_peft_model(model, self.peft_config(spec, options, targets, state))
+
+
+class _LoraFamily(_PeftTuner):
     """Methods built as peft `LoraConfig` variants (B @ A added to a linear layer)."""
 
     def lora_kwargs(self, spec: MethodSpec, options: dict[str, Any]) -> dict[str, Any]:
         return {}
 
-    def build(self, model, spec, options, targets, state, plain_init=False):
-        from peft import LoraConfig, get_peft_model
+    def peft_config(self, spec, options, targets, state):
+        from peft import LoraConfig
 
         kwargs = self.lora_kwargs(spec, options)
-        if plain_init or any(p.is_meta for p in model.parameters()):
-            # plain_init: weights are about to be overwritten (resume); meta: shapes only, no SVD.
+        if state.get("shapes_only") or state.get("plain_init"):
+            # plain_init: weights are about to be overwritten (resume); shapes_only: no SVD of empty weights.
             kwargs.pop("init_lora_weights", None)
-        config = LoraConfig(
+        return LoraConfig(
             r=spec.rank,
             lora_alpha=spec.alpha,
             lora_dropout=spec.dropout,
@@ -175,7 +189,6 @@ class _LoraFamily(Method):
             task_type="CAUSAL_LM",
             **kwargs,
         )
-        return get_peft_model(model, config)
 
 
 @register
@@ -201,7 +214,7 @@ class Dora(_LoraFamily):
 
 
 @register
-class Adalora(Method):
+class Adalora(_PeftTuner):
     name = "adalora"
     category = "Structural"
     summary = "P, Lambda, Q in SVD form; rank budget reallocated every step"
@@ -238,10 +251,10 @@ class Adalora(Method):
         _require(int(o["delta_t"]) >= 1, f"adalora: delta_t must be >= 1, got {o['delta_t']}")
         return o
 
-    def build(self, model, spec, options, targets, state):
-        from peft import AdaLoraConfig, get_peft_model
+    def peft_config(self, spec, options, targets, state):
+        from peft import AdaLoraConfig
 
-        config = AdaLoraConfig(
+        return AdaLoraConfig(
             init_r=options["init_r"],
             target_r=options["target_r"],
             tinit=options["tinit"],
@@ -256,7 +269,6 @@ class Adalora(Method):
             target_modules=list(targets),
             task_type="CAUSAL_LM",
         )
-        return get_peft_model(model, config)
 
     def after_optimizer_step(self, policy, step):
         # peft: "call update_and_allocate after optimizer.step() and before zero_grad()".
@@ -299,18 +311,18 @@ class Adalora(Method):
 
 
 @register
-class Miss(Method):
+class Miss(_PeftTuner):
     name = "miss"
     category = "Structural"
     summary = "shard D of shape (r, d_out), expanded over the input dimension"
     options = {"variant": "default", "mini_r": 1}
 
-    def build(self, model, spec, options, targets, state):
-        from peft import MissConfig, get_peft_model
+    def peft_config(self, spec, options, targets, state):
+        from peft import MissConfig
 
         variants = {"default": True, "bat": "bat", "mini": "mini"}
         _require(options["variant"] in variants, f"miss: option variant must be one of {sorted(variants)}, got {options['variant']!r}")
-        config = MissConfig(
+        return MissConfig(
             r=spec.rank,
             miss_dropout=spec.dropout,
             target_modules=list(targets),
@@ -318,7 +330,6 @@ class Miss(Method):
             mini_r=int(options["mini_r"]),
             task_type="CAUSAL_LM",
         )
-        return get_peft_model(model, config)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -356,16 +367,16 @@ class LoraFA(_LoraFamily):
 
 
 @register
-class Vera(Method):
+class Vera(_PeftTuner):
     name = "vera"
     category = "Efficient"
     summary = "scaling vectors d, b; shared frozen random A, B"
     options = {"d_initial": 0.1, "projection_prng_key": 0, "save_projection": True}
 
-    def build(self, model, spec, options, targets, state):
-        from peft import VeraConfig, get_peft_model
+    def peft_config(self, spec, options, targets, state):
+        from peft import VeraConfig
 
-        config = VeraConfig(
+        return VeraConfig(
             r=spec.rank,
             target_modules=list(targets),
             vera_dropout=spec.dropout,
@@ -374,7 +385,6 @@ class Vera(Method):
             save_projection=bool(options["save_projection"]),
             task_type="CAUSAL_LM",
         )
-        return get_peft_model(model, config)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -452,9 +462,9 @@ class _SvdInitLora(_LoraFamily):
         from safetensors.torch import load_file
 
         spec = MethodSpec.from_dict(meta["spec"])
-        model = _LoraFamily.build(
-            self, base_model, spec, meta["options"], tuple(meta["target_modules"]), state, plain_init=True
-        )
+        state["plain_init"] = True
+        model = _PeftTuner.build(self, base_model, spec, meta["options"], tuple(meta["target_modules"]), state)
+        del state["plain_init"]
         delta = load_file(os.path.join(in_dir, "adapter_model.safetensors"))
         r = spec.rank
         initial = {}
@@ -525,7 +535,7 @@ class Milora(_SvdInitLora):
 
 
 @register
-class Ia3(Method):
+class Ia3(_PeftTuner):
     name = "ia3"
     category = "Other"
     summary = "rescaling vectors on k, v outputs and the FFN input of down_proj"
@@ -534,19 +544,18 @@ class Ia3(Method):
     def default_targets(self, model):
         return ("k_proj", "v_proj", "down_proj")
 
-    def build(self, model, spec, options, targets, state):
-        from peft import IA3Config, get_peft_model
+    def peft_config(self, spec, options, targets, state):
+        from peft import IA3Config
 
         ff = options["feedforward_modules"]
         ff = (ff,) if isinstance(ff, str) else tuple(ff)
         missing = [m for m in ff if m not in targets]
         _require(not missing, f"ia3: feedforward_modules {missing} must also be in target_modules {list(targets)}")
-        config = IA3Config(target_modules=list(targets), feedforward_modules=list(ff), task_type="CAUSAL_LM")
-        return get_peft_model(model, config)
+        return IA3Config(target_modules=list(targets), feedforward_modules=list(ff), task_type="CAUSAL_LM")
 
 
 @register
-class LnTuning(Method):
+class LnTuning(_PeftTuner):
     name = "ln_tuning"
     category = "Other"
     summary = "norm gains (and biases) of every block and the final norm"
@@ -555,14 +564,16 @@ class LnTuning(Method):
     def default_targets(self, model):
         return norm_leaf_names(model)
 
-    def build(self, model, spec, options, targets, state):
-        from peft import LNTuningConfig, get_peft_model
+    def peft_config(self, spec, options, targets, state):
+        from peft import LNTuningConfig
 
-        config = LNTuningConfig(target_modules=list(targets), task_type="CAUSAL_LM")
+        return LNTuningConfig(target_modules=list(targets), task_type="CAUSAL_LM")
+
+    def build(self, model, spec, options, targets, state):
         with warnings.catch_warnings():
             # peft warns on any non-LayerNorm class; RMSNorm is deep-copied and tuned the same way.
             warnings.filterwarnings("ignore", message="Unsupported layer type")
-            return get_peft_model(model, config)
+            return super().build(model, spec, options, targets, state)
 
 
 # ----------------------------------------------------------------------------------------------
