@@ -78,6 +78,28 @@ def _cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    import os
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from perl.methods import load_adapted
+    from perl.sync.export import export_merged, parse_dtype
+
+    parse_dtype(args.dtype)  # fail before loading anything
+    for field, path in (("--base", args.base), ("--adapter", args.adapter)):
+        if not os.path.isdir(path):
+            print(f"error: {field}: {path!r} is not a directory", file=sys.stderr)
+            return 2
+    base = AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32)
+    policy = load_adapted(base, args.adapter)
+    out = export_merged(policy, args.out, dtype=args.dtype, tokenizer_dir=args.tokenizer or args.base,
+                        max_shard_size=args.max_shard_size)
+    print(f"merged {policy.name} checkpoint written to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from perl.methods import DEFAULT_ALPHA, DEFAULT_RANK
 
@@ -95,6 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("table", "json"), default="table")
     p.add_argument("--output", default=None, help="also write the JSON report to this file")
     p.set_defaults(func=_cmd_methods)
+
+    p = sub.add_parser("export", help="write a merged HF checkpoint (vLLM / from_pretrained) from a PeRL checkpoint")
+    p.add_argument("--base", required=True, help="the original base model directory (HF format)")
+    p.add_argument("--adapter", required=True, help="a PeRL checkpoint directory (AdaptedPolicy.save)")
+    p.add_argument("--out", required=True, help="output directory (replaced atomically)")
+    p.add_argument("--dtype", default="bf16", help="bf16 | fp16 | fp32 (default bf16, what vLLM serves)")
+    p.add_argument("--tokenizer", default=None, help="directory with tokenizer files (default: --base)")
+    p.add_argument("--max-shard-size", default="2GB")
+    p.set_defaults(func=_cmd_export)
     return parser
 
 

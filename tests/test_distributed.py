@@ -27,3 +27,7 @@ def _torchrun(script: str, marker: str) -> None:
 
 def test_lora_fa_under_fsdp2_keeps_a_frozen_and_matches_unsharded():
     _torchrun("lora_fa_fsdp2.py", "LORA_FA_FSDP2_OK")
+
+
+def test_sharded_export_equals_unsharded_for_every_method():
+    _torchrun("sync_fsdp2.py", "SYNC_FSDP2_OK 26")
