@@ -18,6 +18,8 @@ setup(
         "safetensors",
         "pandas",
         "pyarrow",
+        "datasets",
+        "champ-dataset",
         "tqdm",
         "rich",
         "gguf",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -100,6 +101,24 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from perl.data import DEFAULT_TEMPLATE, prepare, write_parquet
+
+    template = DEFAULT_TEMPLATE
+    if args.template:
+        template = open(args.template).read() if os.path.isfile(args.template) else args.template
+    prepared = prepare(
+        args.source, input_path=args.input, split=args.split, template=template, limit=args.limit,
+        question_field=args.question_field, answer_field=args.answer_field, n=args.n, digits=args.digits,
+        ops=tuple(args.ops), seed=args.seed,
+    )
+    print(prepared.report(args.source))
+    out = args.out or os.path.join("data", f"{args.source}.parquet")
+    write_parquet(prepared.rows, out)
+    print(f"wrote {len(prepared.rows)} rows to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from perl.methods import DEFAULT_ALPHA, DEFAULT_RANK
 
@@ -126,14 +145,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None, help="directory with tokenizer files (default: --base)")
     p.add_argument("--max-shard-size", default="2GB")
     p.set_defaults(func=_cmd_export)
+
+    from perl.data import SOURCES
+
+    p = sub.add_parser("prepare", help="write a dataset as verl parquet (train set, eval sets, CHAMP, arithmetic)")
+    p.add_argument("source", choices=sorted(SOURCES), help="dataset to prepare (local: any file given with --input)")
+    p.add_argument("--input", default=None, help="local json/jsonl/parquet/csv file or directory instead of the hub")
+    p.add_argument("--out", default=None, help="output parquet (default data/<source>.parquet)")
+    p.add_argument("--split", default=None, help="hub split to read / split recorded in extra_info")
+    p.add_argument("--template", default=None, help="prompt template with {question} (a string or a file)")
+    p.add_argument("--limit", type=int, default=None, help="keep only the first N raw rows")
+    p.add_argument("--question-field", default=None)
+    p.add_argument("--answer-field", default=None)
+    p.add_argument("--n", type=int, default=1000, help="arith: number of problems")
+    p.add_argument("--digits", type=int, default=2, help="arith: digits per operand")
+    p.add_argument("--ops", nargs="+", default=["add", "mul"], help="arith: add and/or mul")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_prepare)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from perl.data.prepare import DataSourceError
+
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except ValueError as e:  # spec / config errors: one clear line, no traceback
+    except (ValueError, FileNotFoundError, DataSourceError) as e:  # user errors: one clear line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
 

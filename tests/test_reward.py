@@ -153,3 +153,36 @@ def test_from_a_ray_free_process_pool():
     with ProcessPoolExecutor(max_workers=2, mp_context=mp.get_context("spawn")) as ex:
         got = list(ex.map(_score_in_child, [(p, g) for p, g, _ in cases]))
     assert got == [ok for *_, ok in cases]
+
+
+def test_overlong_penalty_matches_verl_dapo_manager():
+    import inspect
+
+    import verl.workers.reward_manager.dapo as dapo
+
+    from perl.reward import overlong_penalty
+
+    src = inspect.getsource(dapo)
+    assert "min(-exceed_len / overlong_buffer_len * overlong_penalty_factor, 0)" in src  # the formula we mirror
+    assert overlong_penalty(100, 1000, 200) == 0.0
+    assert overlong_penalty(800, 1000, 200) == 0.0
+    assert overlong_penalty(900, 1000, 200, 1.0) == pytest.approx(-0.5)
+    assert overlong_penalty(1000, 1000, 200, 2.0) == pytest.approx(-2.0)
+    with pytest.raises(ValueError, match="overlong_buffer.len"):
+        overlong_penalty(10, 1000, 0)
+
+
+def test_loads_through_verls_custom_reward_hook():
+    from omegaconf import OmegaConf
+    from verl.trainer.ppo.reward import get_custom_reward_fn
+
+    import perl.reward.verl_reward as entry
+
+    cfg = OmegaConf.create({"reward": {"custom_reward_function": {
+        "path": entry.__file__, "name": "compute_score", "reward_kwargs": {"require_think": False}}}})
+    fn = get_custom_reward_fn(cfg)
+    result = fn(data_source="x", solution_str="no think tags \\boxed{12}", ground_truth="12", extra_info={})
+    assert result["score"] == 1.0 and result["acc"] == 1.0
+    assert all(isinstance(v, (int, float, str)) for v in result.values())
+    with pytest.raises(ValueError, match="reward_kwargs"):
+        compute_score("x", "</think>\\boxed{1}", "1", strict=True)

@@ -69,6 +69,19 @@ class MathReward:
         return self.score_batch([completion], [ground_truth])[0]
 
 
+def overlong_penalty(response_length: int, max_response_length: int, buffer_length: int,
+                     penalty_factor: float = 1.0) -> float:
+    """DAPO's soft overlong punishment, the formula of verl's DAPO reward manager
+    (`reward_model.overlong_buffer`): 0 up to `max - buffer` tokens, then linearly down to
+    `-penalty_factor` at `max`. Exposed for the CPU engine; on verl use its config."""
+    if buffer_length <= 0:
+        raise ValueError(f"overlong_buffer.len must be > 0, got {buffer_length}")
+    if max_response_length < buffer_length:
+        raise ValueError(f"max_response_length ({max_response_length}) must be >= overlong_buffer.len ({buffer_length})")
+    exceed = response_length - (max_response_length - buffer_length)
+    return min(-exceed / buffer_length * penalty_factor, 0.0)
+
+
 _DEFAULT: MathReward | None = None
 _DEFAULT_LOCK = threading.Lock()
 
@@ -82,11 +95,34 @@ def default_reward() -> MathReward:
         return _DEFAULT
 
 
+_BY_KWARGS: dict[tuple, MathReward] = {}
+_FORMAT_FIELDS = ("require_think", "boxed", "answer_line_fallback")
+_REWARD_FIELDS = ("correct_score", "incorrect_score", "timeout_s", "workers")
+
+
+def reward_from_kwargs(kwargs: dict[str, Any]) -> MathReward:
+    """The process-wide reward for a set of `reward_kwargs` (verl passes them on every call)."""
+    if not kwargs:
+        return default_reward()
+    unknown = sorted(set(kwargs) - set(_FORMAT_FIELDS) - set(_REWARD_FIELDS))
+    if unknown:
+        raise ValueError(f"reward_kwargs: unknown {unknown}; allowed: {sorted(_FORMAT_FIELDS + _REWARD_FIELDS)}")
+    key = tuple(sorted(kwargs.items()))
+    with _DEFAULT_LOCK:
+        if key not in _BY_KWARGS:
+            fmt = FormatConfig(**{k: v for k, v in kwargs.items() if k in _FORMAT_FIELDS})
+            cfg = RewardConfig(format=fmt, **{k: v for k, v in kwargs.items() if k in _REWARD_FIELDS})
+            _BY_KWARGS[key] = MathReward(cfg)
+        return _BY_KWARGS[key]
+
+
 def compute_score(data_source: Any = None, solution_str: Any = None, ground_truth: Any = None,
                   extra_info: Any = None, **kwargs: Any) -> dict[str, Any]:
-    """verl's custom reward function signature."""
-    return default_reward().score(solution_str, ground_truth)
+    """verl's custom reward function signature; `kwargs` are verl's `reward_kwargs`."""
+    result = reward_from_kwargs(kwargs).score(solution_str, ground_truth)
+    result.pop("status")  # verl turns every key into a metric column; keep them numeric
+    return result
 
 
 __all__ = ["FormatConfig", "MathReward", "RewardConfig", "VerifierPool", "compute_score", "default_reward",
-           "extract_answer"]
+           "extract_answer", "overlong_penalty"]
