@@ -103,3 +103,8 @@ def test_ambiguous_flat_parameter_is_refused_for_lora_fa():
     flat = AdaptedPolicy(FlatWrapper(), policy.spec, policy.method, policy.options, policy.target_modules, 1)
     with pytest.raises(RuntimeError, match="flat parameter"):
         flat.param_groups(1e-3)
+
+
+def test_method_option_values_are_checked_before_building():
+    assert "lr_ratio must be a number > 0" in _err({"name": "lora_plus", "lr_ratio": 0})
+    assert "variant must be one of" in _err({"name": "miss", "variant": "fancy"})

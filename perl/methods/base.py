@@ -115,8 +115,9 @@ class Method:
 
         return ALL_LINEAR
 
-    def validate(self, spec: MethodSpec, options: dict[str, Any], targets: tuple[str, ...]) -> None:
-        """Method-specific checks beyond the generic ones (override)."""
+    def prepare_options(self, spec: MethodSpec, options: dict[str, Any], total_steps: int | None) -> dict[str, Any]:
+        """Method-specific checks and derived option values (AdaLoRA's schedule); override."""
+        return options
 
     def build(self, model: nn.Module, spec: MethodSpec, options: dict[str, Any], targets: tuple[str, ...],
               state: dict[str, Any]) -> nn.Module:

@@ -229,8 +229,9 @@ class Adalora(_PeftTuner):
         "orth_reg_weight": 0.5,
     }
 
-    @staticmethod
-    def schedule(rank: int, options: dict[str, Any], total_steps: int | None) -> dict[str, Any]:
+    def prepare_options(self, spec, options, total_steps):
+        """Derive the rank-budget schedule from the run length."""
+        rank = spec.rank
         _require(
             total_steps is not None and int(total_steps) >= 3,
             f"adalora needs the run length to schedule its rank budget: pass total_steps >= 3 "
@@ -317,16 +318,21 @@ class Miss(_PeftTuner):
     summary = "shard D of shape (r, d_out), expanded over the input dimension"
     options = {"variant": "default", "mini_r": 1}
 
+    VARIANTS = {"default": True, "bat": "bat", "mini": "mini"}
+
+    def prepare_options(self, spec, options, total_steps):
+        _require(options["variant"] in self.VARIANTS,
+                 f"miss: option variant must be one of {sorted(self.VARIANTS)}, got {options['variant']!r}")
+        return options
+
     def peft_config(self, spec, options, targets, state):
         from peft import MissConfig
 
-        variants = {"default": True, "bat": "bat", "mini": "mini"}
-        _require(options["variant"] in variants, f"miss: option variant must be one of {sorted(variants)}, got {options['variant']!r}")
         return MissConfig(
             r=spec.rank,
             miss_dropout=spec.dropout,
             target_modules=list(targets),
-            init_weights=variants[options["variant"]],
+            init_weights=self.VARIANTS[options["variant"]],
             mini_r=int(options["mini_r"]),
             task_type="CAUSAL_LM",
         )
@@ -399,9 +405,14 @@ class LoraPlus(_LoraFamily):
     summary = "B, A with lr_B = lr_ratio * lr_A"
     options = {"lr_ratio": 16.0}  # LoRA+ paper's recommended 2^4
 
+    def prepare_options(self, spec, options, total_steps):
+        ratio = options["lr_ratio"]
+        _require(isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and ratio > 0,
+                 f"lora_plus: option lr_ratio must be a number > 0, got {ratio!r}")
+        return options
+
     def param_groups(self, policy, lr, weight_decay):
         ratio = float(policy.options["lr_ratio"])
-        _require(ratio > 0, f"lora_plus: option lr_ratio must be > 0, got {ratio}")
         _check_unflattened(policy, "needs separate learning rates for A and B")
         a, b = [], []
         for n, p in policy.trainable_parameters():
@@ -586,9 +597,7 @@ def _prepare(method: Method, model: nn.Module, spec: MethodSpec, total_steps: in
 
     if isinstance(model, PeftModel):
         raise MethodSpecError("model is already a PeftModel; pass the plain base model")
-    options = resolve_options(method, spec.options)
-    if isinstance(method, Adalora):
-        options = Adalora.schedule(spec.rank, options, total_steps)
+    options = method.prepare_options(spec, resolve_options(method, spec.options), total_steps)
     if method.target_kind is None:
         _require(spec.target_modules is None, f"{method.name} trains every parameter; peft.target_modules does not apply")
         targets: tuple[str, ...] = ()
