@@ -129,3 +129,13 @@ def test_export_cli_writes_a_checkpoint_from_pretrained_loads(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "perl.cli", "export", "--base", str(base_dir), "--adapter", ckpt,
                           "--out", str(out), "--dtype", "int3"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "dtype" in bad.stderr
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_yielded_tensors_never_alias_the_trainer(name):
+    policy = _trained("tiny-llama", name, steps=1)
+    live = {p.detach().untyped_storage().data_ptr() for p in policy.model.parameters()}
+    live |= {b.untyped_storage().data_ptr() for b in policy.model.buffers()}
+    for dtype in (torch.float32, None):
+        for n, t in merged_weights(policy, dtype, include_tied=True):
+            assert t.untyped_storage().data_ptr() not in live, f"{n} aliases a live tensor"

@@ -185,9 +185,15 @@ def _walk(policy: AdaptedPolicy | nn.Module, dtype: torch.dtype | None, include_
     fsdp_cls = _fsdp_module_cls()
     seen: set[int] = set()
 
-    def emit(name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor]:
+    def emit(name: str, tensor: torch.Tensor, live: set[int]) -> tuple[str, torch.Tensor]:
+        """Cast to `dtype`; copy only when the tensor still shares memory with the live model."""
         t = tensor.detach()
-        return name, t.to(dtype=dtype or t.dtype, copy=True)
+        shared = t.untyped_storage().data_ptr() in live
+        return name, t.to(dtype=dtype or t.dtype, copy=shared)
+
+    def storages(module: nn.Module) -> set[int]:
+        return {p.detach().untyped_storage().data_ptr() for p in module.parameters()} | {
+            b.untyped_storage().data_ptr() for b in module.buffers()}
 
     def visit(module: nn.Module, prefix: str) -> Pairs:
         sharded = fsdp_cls is not None and isinstance(module, fsdp_cls)
@@ -201,17 +207,19 @@ def _walk(policy: AdaptedPolicy | nn.Module, dtype: torch.dtype | None, include_
                 own = dict(base.named_parameters(recurse=False))
                 if not set(merged) <= set(own):
                     raise RuntimeError(f"merge of {prefix[:-1]} produced {sorted(set(merged) - set(own))}, not in the base layer")
+                live = storages(module)
                 for pname, p in own.items():  # base names and order; untouched ones (biases) as they are
-                    yield emit(f"{prefix}{pname}", merged.get(pname, p))
+                    yield emit(f"{prefix}{pname}", merged.get(pname, p), live)
                 return
+            live = storages(module)
             for pname, p in module.named_parameters(recurse=False):
                 if id(p) in seen and not include_tied:
                     continue
                 seen.add(id(p))
-                yield emit(f"{prefix}{pname}", p)
+                yield emit(f"{prefix}{pname}", p, live)
             for bname, b in module.named_buffers(recurse=False):
                 if bname not in module._non_persistent_buffers_set:
-                    yield emit(f"{prefix}{bname}", b)
+                    yield emit(f"{prefix}{bname}", b, live)
             for cname, child in module.named_children():
                 yield from visit(child, f"{prefix}{cname}.")
         finally:
