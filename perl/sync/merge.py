@@ -191,9 +191,10 @@ def _walk(policy: AdaptedPolicy | nn.Module, dtype: torch.dtype | None, include_
         shared = t.untyped_storage().data_ptr() in live
         return name, t.to(dtype=dtype or t.dtype, copy=shared)
 
-    def storages(module: nn.Module) -> set[int]:
-        return {p.detach().untyped_storage().data_ptr() for p in module.parameters()} | {
-            b.untyped_storage().data_ptr() for b in module.buffers()}
+    def storages(module: nn.Module, recurse: bool) -> set[int]:
+        tensors = [*module.parameters(recurse=recurse), *module.buffers(recurse=recurse)]
+        local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]  # still-sharded DTensors
+        return {t.detach().untyped_storage().data_ptr() for t in local}
 
     def visit(module: nn.Module, prefix: str) -> Pairs:
         sharded = fsdp_cls is not None and isinstance(module, fsdp_cls)
@@ -207,11 +208,11 @@ def _walk(policy: AdaptedPolicy | nn.Module, dtype: torch.dtype | None, include_
                 own = dict(base.named_parameters(recurse=False))
                 if not set(merged) <= set(own):
                     raise RuntimeError(f"merge of {prefix[:-1]} produced {sorted(set(merged) - set(own))}, not in the base layer")
-                live = storages(module)
+                live = storages(module, recurse=True)  # a tuner layer lives in one FSDP unit
                 for pname, p in own.items():  # base names and order; untouched ones (biases) as they are
                     yield emit(f"{prefix}{pname}", merged.get(pname, p), live)
                 return
-            live = storages(module)
+            live = storages(module, recurse=False)
             for pname, p in module.named_parameters(recurse=False):
                 if id(p) in seen and not include_tied:
                     continue
