@@ -186,3 +186,20 @@ def test_loads_through_verls_custom_reward_hook():
     assert all(isinstance(v, (int, float, str)) for v in result.values())
     with pytest.raises(ValueError, match="reward_kwargs"):
         compute_score("x", "</think>\\boxed{1}", "1", strict=True)
+
+
+def test_pool_survives_every_worker_timing_out_while_others_wait():
+    """All workers killed at once must not strand callers waiting for a free worker."""
+    from perl.reward import VerifierPool
+
+    pool = VerifierPool(size=2, timeout_s=1.0, grace_s=0.5)
+    hang = ("10^{10^{10^{10^{10}}}}", "7")
+    try:
+        with ThreadPoolExecutor(max_workers=6) as ex:
+            futures = [ex.submit(pool.verify, *hang) for _ in range(4)] + [ex.submit(pool.verify, "x^2-1", "(x-1)(x+1)")]
+            results = [f.result(timeout=60) for f in futures]
+        assert results[:4] == [(False, "timeout")] * 4
+        assert results[4] == (True, "ok")
+        assert pool.stats["timeout"] == 4
+    finally:
+        pool.close()

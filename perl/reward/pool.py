@@ -73,7 +73,7 @@ class VerifierPool:
         self.size = max(1, size or os.cpu_count() or 1)
         self.timeout_s = float(timeout_s)
         self.grace_s = float(grace_s)
-        self._idle: queue.Queue[_Worker] = queue.Queue()
+        self._idle: queue.Queue[_Worker | None] = queue.Queue()
         self._created = 0
         self._lock = threading.Lock()
         self._closed = False
@@ -81,24 +81,25 @@ class VerifierPool:
         atexit.register(self.close)
 
     def _borrow(self) -> _Worker:
-        try:
-            return self._idle.get_nowait()
-        except queue.Empty:
-            pass
+        """An idle worker, or a new one while fewer than `size` exist; otherwise wait for one.
+
+        The queue holds idle workers and `None` tokens for slots freed by a killed worker, so a
+        waiting caller is always woken, whether a worker comes back or one had to be killed.
+        """
         with self._lock:
             if self._closed:
                 raise RuntimeError("VerifierPool is closed")
-            create = self._created < self.size
-            if create:
+            new_slot = self._idle.empty() and self._created < self.size
+            if new_slot:
                 self._created += 1
-        if create:
-            try:
-                return _Worker()
-            except BaseException:
-                with self._lock:
-                    self._created -= 1
-                raise
-        return self._idle.get()
+        item = None if new_slot else self._idle.get()
+        if item is not None:
+            return item
+        try:
+            return _Worker()
+        except BaseException:
+            self._idle.put(None)  # give the slot back
+            raise
 
     def _count(self, key: str) -> None:
         with self._lock:
@@ -109,10 +110,9 @@ class VerifierPool:
         worker = self._borrow()
         reply = worker.ask({"pred": pred, "gold": gold, "timeout": max(1, int(self.timeout_s))},
                            self.timeout_s + self.grace_s)
-        if reply is None:  # overran or died: replace the worker
+        if reply is None:  # overran or died: kill it; its slot goes back as a token
             worker.kill()
-            with self._lock:
-                self._created -= 1
+            self._idle.put(None)
             self._count("timeout")
             return False, "timeout"
         self._idle.put(worker)
@@ -136,6 +136,8 @@ class VerifierPool:
             self._closed = True
         while True:
             try:
-                self._idle.get_nowait().kill()
+                worker = self._idle.get_nowait()
             except queue.Empty:
                 break
+            if worker is not None:
+                worker.kill()
