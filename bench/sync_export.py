@@ -114,6 +114,8 @@ def write_markdown(results: list[dict], model: str, repeats: int) -> None:
         "Export = consuming `merged_weights(policy, fp32)` end to end; ratio = export time / one plain",
         "`state_dict()` clone of the same model in the same process. Peak extra = resident-memory peak",
         "above the level before the export; largest module = the largest single weight (the embedding).",
+        "Targets: ratio < 2 and peak < 2 modules. The machine is shared and noisy: methods doing identical",
+        "work (lora, lora_plus, rslora) differ by up to ~1.7x between rows, so read the ratios as bounds.",
         "",
         "| method | clone (s) | export (s) | ratio | peak extra (MB) | largest module (MB) | peak / largest |",
         "|---|---:|---:|---:|---:|---:|---:|",
