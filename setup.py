@@ -19,6 +19,7 @@ setup(
         "pandas",
         "pyarrow",
         "datasets",
+        "matplotlib",
         "champ-dataset",
         "tqdm",
         "rich",

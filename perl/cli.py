@@ -119,6 +119,44 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_spectrum(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from perl.analysis import plot_spectra, update_spectrum
+    from perl.methods import load_adapted
+    from perl.sync import merged_weights
+
+    runs = [("adapter", p) for p in args.adapter or []] + [("merged", p) for p in args.updated or []]
+    if not runs:
+        print("error: give at least one --adapter (PeRL checkpoint) or --updated (merged HF checkpoint)", file=sys.stderr)
+        return 2
+    for _, path in [("base", args.base), *runs]:
+        if not os.path.isdir(path):
+            print(f"error: {path!r} is not a directory", file=sys.stderr)
+            return 2
+    base = AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32)
+    base_pairs = list(merged_weights(base, torch.float32))
+    reports, summary = {}, {}
+    for kind, path in runs:
+        label = os.path.basename(os.path.normpath(path))
+        if kind == "adapter":
+            updated = load_adapted(AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32), path)
+        else:
+            updated = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        report = update_spectrum(base_pairs, merged_weights(updated, torch.float32), include=args.include,
+                                 max_modules=args.max_modules)
+        reports[label] = report
+        summary[label] = report.to_dict()
+        print(f"{label}: {len(report.modules)} modules, top-10% share {report.top_share(0.1):.3f}")
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "spectrum.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    plot_spectra(reports, os.path.join(args.out, "spectrum.png"))
+    print(f"wrote {args.out}/spectrum.json and spectrum.png")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from perl.methods import DEFAULT_ALPHA, DEFAULT_RANK
 
@@ -162,6 +200,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ops", nargs="+", default=["add", "mul"], help="arith: add and/or mul")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_prepare)
+
+    p = sub.add_parser("spectrum", help="spectra of weight updates vs the base (paper Figure 3): JSON + PNG")
+    p.add_argument("--base", required=True, help="the original base model directory (HF format)")
+    p.add_argument("--adapter", action="append", help="a PeRL checkpoint (repeatable)")
+    p.add_argument("--updated", action="append", help="a merged HF checkpoint (repeatable)")
+    p.add_argument("--out", default="spectrum", help="output directory")
+    p.add_argument("--include", default=r"(q|k|v|o|gate|up|down)_proj\.weight$", help="regex of weights to analyse")
+    p.add_argument("--max-modules", type=int, default=None)
+    p.set_defaults(func=_cmd_spectrum)
     return parser
 
 
