@@ -157,6 +157,42 @@ def _cmd_spectrum(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from perl.engine import SamplingConfig
+    from perl.eval import EvalConfig, evaluate
+    from perl.methods import load_adapted
+
+    benchmarks = {}
+    for item in args.data:
+        name, sep, path = item.partition("=")
+        if not sep:
+            name, path = os.path.splitext(os.path.basename(item))[0], item
+        if not os.path.exists(path):
+            print(f"error: --data {item}: {path} does not exist", file=sys.stderr)
+            return 2
+        benchmarks[name] = path
+    if not os.path.isdir(args.model):
+        print(f"error: --model: {args.model!r} is not a directory", file=sys.stderr)
+        return 2
+    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
+    k = dict((kv.split("=")[0], int(kv.split("=")[1])) for kv in args.k_per or [])
+    config = EvalConfig(k=k, default_k=args.k, seed=args.seed, batch_size=args.batch_size, sampling=sampling)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
+    if args.adapter:
+        model = load_adapted(model, args.adapter).model
+    model.to(args.device)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+    results = evaluate(model, tokenizer, benchmarks, args.out, config)
+    for name, m in results["benchmarks"].items():
+        print(f"{name}: Avg@{m['k']} {100 * m['avg']:.1f}  Pass@{m['k']} {100 * m['pass']:.1f}  ({int(m['problems'])} problems)")
+    print(f"overall Avg {100 * results['overall_avg']:.1f}; results in {args.out}/results.json")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from perl.methods import DEFAULT_ALPHA, DEFAULT_RANK
 
@@ -209,7 +245,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--include", default=r"(q|k|v|o|gate|up|down)_proj\.weight$", help="regex of weights to analyse")
     p.add_argument("--max-modules", type=int, default=None)
     p.set_defaults(func=_cmd_spectrum)
+
+    p = sub.add_parser("eval", help="k-sample evaluation (Avg@k, Pass@k) of a model, adapter or merged checkpoint")
+    p.add_argument("--model", required=True, help="base or merged model directory (HF format)")
+    p.add_argument("--adapter", default=None, help="a PeRL checkpoint to apply on --model")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --model)")
+    p.add_argument("--data", action="append", required=True, help="NAME=PATH.parquet (verl schema), repeatable")
+    p.add_argument("--out", required=True, help="output directory (samples per benchmark + results.json); resumes")
+    p.add_argument("--k", type=int, default=4, help="samples per problem for benchmarks not in the paper's table")
+    p.add_argument("--k-per", nargs="*", default=None, help="NAME=K overrides (paper: AIME/AMC/HMMT 32, MATH-500/Minerva 4)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--max-new-tokens", type=int, default=32768)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.set_defaults(func=_cmd_eval)
     return parser
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,32 @@
+"""A character-level tokenizer built in code (no hub): printable ASCII plus the format tokens.
+
+Used by the tiny models of the tests and the CPU toy run. Built with `tokenizers` and wrapped as a
+`PreTrainedTokenizerFast` with a chat template, so it behaves like any HF tokenizer
+(`apply_chat_template`, `decode`, `save_pretrained`).
+"""
+
+from __future__ import annotations
+
+import string
+
+SPECIAL = ["<pad>", "<eos>", "<unk>"]
+FORMAT_TOKENS = ["<|user|>", "<|assistant|>", "<think>", "</think>", "\\boxed"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def char_tokenizer():
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [c for c in string.printable if c not in "\x0b\x0c\r"]
+    vocab = {t: i for i, t in enumerate(SPECIAL + FORMAT_TOKENS + chars)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    fast.add_tokens(FORMAT_TOKENS)  # matched whole, before the per-character split
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
