@@ -182,14 +182,30 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     config = EvalConfig(k=k, default_k=args.k, seed=args.seed, batch_size=args.batch_size, sampling=sampling)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
+    run_info = {"model": os.path.abspath(args.model), "label": args.label or "Base", "method": None,
+                "trainable_percent": None}
     if args.adapter:
-        model = load_adapted(model, args.adapter).model
+        policy = load_adapted(model, args.adapter)
+        model = policy.model
+        with open(os.path.join(args.adapter, "perl_method.json")) as f:
+            saved = json.load(f)  # the share of parameters that trained (a loaded adapter is frozen)
+        run_info.update(adapter=os.path.abspath(args.adapter), method=policy.name, label=args.label or policy.name,
+                        trainable_percent=saved.get("trainable_percent"))
     model.to(args.device)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
-    results = evaluate(model, tokenizer, benchmarks, args.out, config)
+    results = evaluate(model, tokenizer, benchmarks, args.out, config, run_info=run_info)
     for name, m in results["benchmarks"].items():
         print(f"{name}: Avg@{m['k']} {100 * m['avg']:.1f}  Pass@{m['k']} {100 * m['pass']:.1f}  ({int(m['problems'])} problems)")
     print(f"overall Avg {100 * results['overall_avg']:.1f}; results in {args.out}/results.json")
+    return 0
+
+
+def _cmd_table(args: argparse.Namespace) -> int:
+    from perl.analysis.tables import write_tables
+
+    paths = write_tables(args.runs, args.out)
+    print(open(paths["markdown"]).read())
+    print("wrote " + ", ".join(paths.values()))
     return 0
 
 
@@ -261,7 +277,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--label", default=None, help="row name in `perl table` (default: the method, or Base)")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("table", help="paper Table 3 (markdown + CSV) and Figure 1 left (PNG) from `perl eval` runs")
+    p.add_argument("runs", nargs="+", help="run directories holding results.json")
+    p.add_argument("--out", default="tables")
+    p.set_defaults(func=_cmd_table)
     return parser
 
 

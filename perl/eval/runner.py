@@ -80,14 +80,18 @@ def metrics_from_samples(samples: dict[tuple[int, int], dict[str, Any]]) -> dict
 
 def evaluate(model, tokenizer, benchmarks: dict[str, str], out_dir: str, config: EvalConfig | None = None,
              reward: MathReward | None = None, progress: bool = True,
-             on_batch: Callable[[str, int], None] | None = None) -> dict[str, Any]:
-    """Evaluate `model` on parquet benchmarks ({name: path}, verl schema); returns results.json's content."""
+             on_batch: Callable[[str, int], None] | None = None, run_info: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Evaluate `model` on parquet benchmarks ({name: path}, verl schema); returns results.json's content.
+
+    `run_info` (label, method, trainable_percent, paths) is stored with the results for `perl table`.
+    """
     config = config or EvalConfig()
     reward = reward or MathReward()
     os.makedirs(out_dir, exist_ok=True)
     eos = [tokenizer.eos_token_id]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    results: dict[str, Any] = {"benchmarks": {}, "config": {**asdict(config), "sampling": asdict(config.sampling)}}
+    results: dict[str, Any] = {"run": dict(run_info or {}), "benchmarks": {},
+                               "config": {**asdict(config), "sampling": asdict(config.sampling)}}
     for name, path in benchmarks.items():
         rows = pd.read_parquet(path).to_dict("records")
         if not rows:

@@ -221,6 +221,8 @@ class AdaptedPolicy:
                 "options": self.options,
                 "target_modules": list(self.target_modules),
                 "base_param_count": self.base_param_count,
+                "trainable": self.num_trainable(),
+                "trainable_percent": self.trainable_percent(),
                 "total_steps": self.total_steps,
                 "optimizer_steps": self.optimizer_steps,
             }
