@@ -20,10 +20,11 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from _docs import write_section  # noqa: E402
+
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
-MARK_BEGIN = "<!-- bench:reward_throughput:begin -->"
-MARK_END = "<!-- bench:reward_throughput:end -->"
 
 
 def make_mix(n: int, seed: int = 0) -> list[tuple[str, str]]:
@@ -115,7 +116,6 @@ def main() -> None:
     with open(os.path.join(HERE, "results", "reward_throughput.json"), "w") as f:
         json.dump(res, f, indent=2)
     lines = [
-        MARK_BEGIN,
         f"### Reward throughput (`bench/reward_throughput.py`, {args.n} completions, {res['cores']} cores, best of {args.repeats})",
         "",
         "| | verifications / s | ratio |",
@@ -126,17 +126,8 @@ def main() -> None:
         f"Pool start-up (once per process): {startup:.1f} s. Verdicts agree with the baseline on "
         f"{100 * agree:.1f}% of the mix; {unboxed} of the {len(disagree)} disagreements are completions without a boxed "
         "answer after `</think>`, which math-verify (parsing the whole text) accepts and the paper's strict format scores 0.",
-        MARK_END,
     ]
-    path = os.path.join(ROOT, "docs", "benchmarks.md")
-    text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
-    block = "\n".join(lines)
-    if MARK_BEGIN in text:
-        text = text[: text.index(MARK_BEGIN)] + block + text[text.index(MARK_END) + len(MARK_END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    with open(path, "w") as f:
-        f.write(text)
+    write_section("reward_throughput", lines)
 
 
 if __name__ == "__main__":

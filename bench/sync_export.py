@@ -21,9 +21,10 @@ import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from _docs import write_section  # noqa: E402
+
 ROOT = os.path.dirname(HERE)
-MARK_BEGIN = "<!-- bench:sync_export:begin -->"
-MARK_END = "<!-- bench:sync_export:end -->"
 
 
 def _rss() -> int:
@@ -105,10 +106,7 @@ def run_one(model_name: str, method: str, repeats: int) -> dict:
 
 
 def write_markdown(results: list[dict], model: str, repeats: int) -> None:
-    path = os.path.join(ROOT, "docs", "benchmarks.md")
-    text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
     lines = [
-        MARK_BEGIN,
         f"### Merged sync export cost (`bench/sync_export.py`, {model}, fp32, CPU, best of {repeats})",
         "",
         "Export = consuming `merged_weights(policy, fp32)` end to end; ratio = export time / one plain",
@@ -125,14 +123,7 @@ def write_markdown(results: list[dict], model: str, repeats: int) -> None:
             f"| {r['method']} | {r['clone_s']:.2f} | {r['export_s']:.2f} | {r['ratio']:.2f} | {r['peak_extra_mb']:.0f} "
             f"| {r['largest_module_mb']:.0f} | {r['peak_in_largest_modules']:.2f} |"
         )
-    lines.append(MARK_END)
-    block = "\n".join(lines)
-    if MARK_BEGIN in text:
-        text = text[: text.index(MARK_BEGIN)] + block + text[text.index(MARK_END) + len(MARK_END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    with open(path, "w") as f:
-        f.write(text)
+    write_section("sync_export", lines)
 
 
 def main() -> None:

@@ -118,12 +118,9 @@ def update_spectrum(base: Iterable[tuple[str, torch.Tensor]], updated: Iterable[
 
 def plot_spectra(reports: dict[str, SpectrumReport], path: str) -> str:
     """Figure 3 left and centre for several runs: alignment density and cumulative energy."""
-    import matplotlib
+    from .plotting import finish, new_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (ax1, ax2) = new_figure(2, (10, 3.8))
     grid = np.linspace(0.0, 1.0, GRID)
     for label, rep in reports.items():
         ax1.plot(grid, rep.mean_alignment() * GRID, label=label)
@@ -134,10 +131,4 @@ def plot_spectra(reports: dict[str, SpectrumReport], path: str) -> str:
     ax2.set_xlabel("top-k of dW's spectrum (relative k)")
     ax2.set_ylabel("cumulative energy")
     ax2.set_title("Energy of the update's own spectrum")
-    for ax in (ax1, ax2):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return finish(fig, [ax1, ax2], path)

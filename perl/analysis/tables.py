@@ -92,15 +92,12 @@ def _fmt(x: float) -> str:
 
 def plot_accuracy_vs_params(runs: list[Run], path: str) -> str | None:
     """Figure 1 (left): overall accuracy vs trainable-parameter share (log x) with the frontier."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .plotting import finish, new_figure
 
     pts = sorted((r.trainable_percent, 100 * r.overall, r.label) for r in runs if r.trainable_percent)
     if not pts:
         return None
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, (ax,) = new_figure()
     for x, y, label in pts:
         ax.scatter(x, y)
         ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
@@ -118,12 +115,7 @@ def plot_accuracy_vs_params(runs: list[Run], path: str) -> str | None:
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (% of the model, log scale)")
     ax.set_ylabel("overall accuracy (Avg., %)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return finish(fig, [ax], path)
 
 
 def write_tables(run_dirs: list[str], out_dir: str) -> dict[str, str]:
