@@ -159,9 +159,10 @@ def _cmd_spectrum(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from perl.engine import SamplingConfig
+    from perl.engine.tokenizer import load_tokenizer
     from perl.eval import EvalConfig, evaluate
     from perl.methods import load_adapted
 
@@ -192,7 +193,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         run_info.update(adapter=os.path.abspath(args.adapter), method=policy.name, label=args.label or policy.name,
                         trainable_percent=saved.get("trainable_percent"))
     model.to(args.device)
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
     results = evaluate(model, tokenizer, benchmarks, args.out, config, run_info=run_info)
     for name, m in results["benchmarks"].items():
         print(f"{name}: Avg@{m['k']} {100 * m['avg']:.1f}  Pass@{m['k']} {100 * m['pass']:.1f}  ({int(m['problems'])} problems)")

@@ -83,4 +83,9 @@ def test_eval_cli(setup, tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "toy: Avg@2" in proc.stdout
+    from perl.engine.tokenizer import load_tokenizer
+
+    msg = [{"role": "user", "content": "What is 2 + 3?"}]
+    reloaded = load_tokenizer(str(model_dir)).apply_chat_template(msg, add_generation_prompt=True, tokenize=True)
+    assert reloaded["input_ids"] == tok.apply_chat_template(msg, add_generation_prompt=True, tokenize=True)["input_ids"]
     assert json.loads((tmp_path / "ev" / "results.json").read_text())["benchmarks"]["toy"]["k"] == 2

@@ -30,3 +30,21 @@ def char_tokenizer():
     fast.add_tokens(FORMAT_TOKENS)  # matched whole, before the per-character split
     fast.chat_template = CHAT_TEMPLATE
     return fast
+
+
+def load_tokenizer(path: str):
+    """AutoTokenizer, except for tokenizers saved as a plain `tokenizers` backend (like ours):
+    transformers 5 would map them to the model type's class (e.g. Qwen2Tokenizer), whose
+    normalisation drops the spaces this character tokenizer encodes."""
+    import json
+    import os
+
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    cfg_path = os.path.join(path, "tokenizer_config.json")
+    if os.path.exists(cfg_path):
+        with open(cfg_path) as f:
+            cls = json.load(f).get("tokenizer_class")
+        if cls in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+            return PreTrainedTokenizerFast.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path)

@@ -1,0 +1,228 @@
+"""Single-process RLVR engine (one CPU or GPU): rollout -> reward -> DAPO/GRPO update -> sync.
+
+The same pieces as the verl path: PeRL's method registry and merged sync (into a separate rollout
+model, as vLLM would get them), PeRL's reward, and verl's own advantage and policy-loss functions
+(`verl.trainer.ppo.core_algos`). DAPO = clip-higher (0.2/0.28) + token-mean loss + dynamic
+sampling (groups whose rewards are all equal are dropped and more prompts are drawn, up to a cap).
+GRPO and Dr. GRPO are selectable (`algorithm`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from perl.engine import SamplingConfig, sample
+from perl.eval.metrics import sample_seed
+from perl.methods import AdaptedPolicy
+from perl.reward import MathReward
+from perl.sync import merged_weights
+
+ALGORITHMS = ("dapo", "grpo", "drgrpo")
+
+
+@dataclass
+class RLConfig:
+    algorithm: str = "dapo"
+    steps: int = 30
+    prompts_per_step: int = 16  # groups kept per update (after dynamic sampling)
+    group_size: int = 8  # G
+    lr: float = 1e-3
+    clip_low: float = 0.2
+    clip_high: float = 0.28  # DAPO clip-higher; grpo/drgrpo use clip_low on both sides
+    max_gen_batches: int = 3  # dynamic sampling: at most this many generation rounds per step
+    max_new_tokens: int = 24
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm: {self.algorithm!r} is not one of {ALGORITHMS}")
+        for name in ("steps", "prompts_per_step", "group_size", "max_gen_batches", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.group_size < 2:
+            raise ValueError("group_size must be >= 2 (group-relative advantages)")
+
+
+def _actor_config(cfg: RLConfig):
+    from omegaconf import OmegaConf
+
+    high = cfg.clip_high if cfg.algorithm == "dapo" else cfg.clip_low
+    return OmegaConf.create({"clip_ratio": cfg.clip_low, "clip_ratio_low": cfg.clip_low, "clip_ratio_high": high,
+                             "clip_ratio_c": 3.0, "global_batch_info": {}})
+
+
+def _loss_agg_mode(cfg: RLConfig) -> str:
+    return "seq-mean-token-sum-norm" if cfg.algorithm == "drgrpo" else "token-mean"
+
+
+def _log_probs_and_entropy(model, seqs: torch.Tensor, attn: torch.Tensor, resp_start: int):
+    logits = model(input_ids=seqs, attention_mask=attn).logits[:, resp_start - 1 : -1].float()
+    logp = torch.log_softmax(logits, -1)
+    tokens = seqs[:, resp_start:]
+    token_logp = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    return token_logp, entropy
+
+
+class LocalRL:
+    """One policy, one rollout model, one reward; `step()` does one DAPO/GRPO update."""
+
+    def __init__(self, policy: AdaptedPolicy, rollout_model, tokenizer, train_rows: list[dict], cfg: RLConfig,
+                 reward: MathReward | None = None) -> None:
+        self.policy, self.rollout, self.tok, self.rows, self.cfg = policy, rollout_model, tokenizer, train_rows, cfg
+        self.reward = reward or MathReward()
+        self.opt = torch.optim.AdamW(policy.param_groups(cfg.lr), lr=cfg.lr, weight_decay=0.0)
+        self.step_idx = 0
+        self.rng = random.Random(cfg.seed)
+        self.actor_cfg = _actor_config(cfg)
+        self.sampling = SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_p)
+        self._prompt_cache: dict[int, list[int]] = {}
+
+    def prompt_ids(self, i: int) -> list[int]:
+        if i not in self._prompt_cache:
+            self._prompt_cache[i] = self.tok.apply_chat_template(list(self.rows[i]["prompt"]), add_generation_prompt=True,
+                                                                 tokenize=True)["input_ids"]
+        return self._prompt_cache[i]
+
+    def sync(self) -> float:
+        t = time.perf_counter()
+        self.rollout.load_state_dict(dict(merged_weights(self.policy, torch.float32, include_tied=True)), strict=True)
+        return time.perf_counter() - t
+
+    def _generate_groups(self, prompt_idx: list[int], round_: int):
+        g = self.cfg.group_size
+        ids = [self.prompt_ids(i) for i in prompt_idx for _ in range(g)]
+        seeds = [sample_seed(self.cfg.seed, f"train:{self.step_idx}:{round_}:{i}", j) for i in prompt_idx for j in range(g)]
+        outs = sample(self.rollout, ids, seeds, self.sampling, [self.tok.eos_token_id], self.tok.pad_token_id)
+        texts = [self.tok.decode(o, skip_special_tokens=True) for o in outs]
+        truths = [self.rows[i]["reward_model"]["ground_truth"] for i in prompt_idx for _ in range(g)]
+        scores = self.reward.score_batch(texts, truths)
+        return ids, outs, scores
+
+    def step(self) -> dict[str, float]:
+        cfg, g = self.cfg, self.cfg.group_size
+        timings = {"sync_s": self.sync()}
+        t0 = time.perf_counter()
+        kept: list[tuple[list[int], list[int], float]] = []  # (prompt ids, response ids, reward)
+        drawn = groups_seen = 0
+        all_scores: list[dict] = []
+        for round_ in range(cfg.max_gen_batches):
+            need = cfg.prompts_per_step - len(kept) // g
+            if need <= 0:
+                break
+            batch = [self.rng.randrange(len(self.rows)) for _ in range(need if round_ == 0 else need * 2)]
+            ids, outs, scores = self._generate_groups(batch, round_)
+            all_scores += scores
+            drawn += len(batch)
+            for k in range(len(batch)):
+                group = list(range(k * g, (k + 1) * g))
+                rewards = [scores[j]["score"] for j in group]
+                groups_seen += 1
+                if cfg.algorithm == "dapo" and max(rewards) == min(rewards):
+                    continue  # dynamic sampling: no signal in a group whose rewards are all equal
+                if len(kept) // g < cfg.prompts_per_step:
+                    kept += [(ids[j], outs[j], rewards[j - k * g]) for j in group]
+        timings["rollout_reward_s"] = time.perf_counter() - t0
+        metrics = {
+            "step": self.step_idx + 1,
+            "reward": float(np.mean([s["score"] for s in all_scores])),
+            "acc": float(np.mean([s["acc"] for s in all_scores])),
+            "kept_groups": len(kept) // g,
+            "groups_drawn": groups_seen,
+            "response_len": float(np.mean([len(o) for _, o, _ in kept])) if kept else 0.0,
+        }
+        t0 = time.perf_counter()
+        if kept:
+            metrics.update(self._update(kept))
+        else:
+            metrics.update({"pg_loss": 0.0, "entropy": float("nan"), "pg_clipfrac": 0.0})
+        timings["update_s"] = time.perf_counter() - t0
+        self.step_idx += 1
+        metrics.update(timings)
+        return metrics
+
+    def _update(self, kept) -> dict[str, float]:
+        from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage, compute_policy_loss_vanilla
+
+        cfg, g = self.cfg, self.cfg.group_size
+        p_width = max(len(p) for p, _, _ in kept)
+        r_width = max(max(len(r) for _, r, _ in kept), 1)
+        n = len(kept)
+        seqs = torch.full((n, p_width + r_width), self.tok.pad_token_id)
+        attn = torch.zeros_like(seqs)
+        mask = torch.zeros((n, r_width))
+        for i, (p, r, _) in enumerate(kept):  # prompt left-padded, response right-padded
+            seqs[i, p_width - len(p) : p_width] = torch.tensor(p)
+            seqs[i, p_width : p_width + len(r)] = torch.tensor(r, dtype=torch.long)
+            attn[i, p_width - len(p) : p_width + len(r)] = 1
+            mask[i, : len(r)] = 1
+        token_rewards = torch.zeros((n, r_width))
+        last = (mask.sum(-1) - 1).clamp(min=0).long()
+        token_rewards[torch.arange(n), last] = torch.tensor([rw for _, _, rw in kept])
+        index = np.array([i // g for i in range(n)], dtype=object)
+        adv, _ = compute_grpo_outcome_advantage(token_rewards, mask, index,
+                                                norm_adv_by_std_in_grpo=cfg.algorithm != "drgrpo")
+        model = self.policy.model
+        model.train()
+        with torch.no_grad():
+            old_logp, _ = _log_probs_and_entropy(model, seqs, attn, p_width)
+        logp, entropy = _log_probs_and_entropy(model, seqs, attn, p_width)
+        pg_loss, pg_metrics = compute_policy_loss_vanilla(old_logp, logp, adv, mask, _loss_agg_mode(cfg), self.actor_cfg)
+        loss = pg_loss
+        extra = self.policy.extra_loss()
+        if extra is not None:
+            loss = loss + extra
+        loss.backward()
+        self.opt.step()
+        self.policy.after_optimizer_step(self.step_idx + 1)
+        self.opt.zero_grad(set_to_none=True)
+        model.eval()
+        return {"pg_loss": float(pg_loss.detach()), "entropy": float((entropy.detach() * mask).sum() / mask.sum()),
+                "pg_clipfrac": float(pg_metrics["actor/pg_clipfrac"])}
+
+    @torch.no_grad()
+    def evaluate(self, rows: list[dict], k: int = 4, seed: int = 1234) -> float:
+        """Avg@k on held-out rows with the current policy (through the rollout model)."""
+        self.sync()
+        ids = [self.tok.apply_chat_template(list(r["prompt"]), add_generation_prompt=True, tokenize=True)["input_ids"]
+               for r in rows for _ in range(k)]
+        seeds = [sample_seed(seed, f"eval:{i}", j) for i in range(len(rows)) for j in range(k)]
+        outs = sample(self.rollout, ids, seeds, self.sampling, [self.tok.eos_token_id], self.tok.pad_token_id)
+        texts = [self.tok.decode(o, skip_special_tokens=True) for o in outs]
+        truths = [r["reward_model"]["ground_truth"] for r in rows for _ in range(k)]
+        return float(np.mean([s["acc"] for s in self.reward.score_batch(texts, truths)]))
+
+
+def run(policy, rollout_model, tokenizer, train_rows, eval_rows, cfg: RLConfig, out_dir: str,
+        eval_k: int = 4, progress: bool = True) -> dict[str, Any]:
+    """Train, log per-step metrics to metrics.jsonl, evaluate before/after, save the adapter."""
+    os.makedirs(out_dir, exist_ok=True)
+    engine = LocalRL(policy, rollout_model, tokenizer, train_rows, cfg)
+    before = engine.evaluate(eval_rows, eval_k)
+    log_path = os.path.join(out_dir, "metrics.jsonl")
+    with open(log_path, "w") as log, tqdm(range(cfg.steps), desc=f"RL {policy.name}", disable=not progress) as bar:
+        for _ in bar:
+            m = engine.step()
+            log.write(json.dumps(m) + "\n")
+            log.flush()
+            bar.set_postfix(reward=f"{m['reward']:.2f}", kept=m["kept_groups"], ent=f"{m['entropy']:.2f}",
+                            clip=f"{m['pg_clipfrac']:.3f}")
+    after = engine.evaluate(eval_rows, eval_k)
+    policy.save(os.path.join(out_dir, "adapter"))
+    summary = {"method": policy.name, "eval_before": before, "eval_after": after, "gain": after - before,
+               "trainable_percent": policy.trainable_percent(), "config": asdict(cfg)}
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary
