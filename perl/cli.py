@@ -210,6 +210,45 @@ def _cmd_table(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    import copy
+
+    import torch
+    from omegaconf import OmegaConf
+
+    from perl.data import arithmetic_rows, to_verl_rows
+    from perl.local import TOY_TEMPLATE, RLConfig, ToyConfig, cold_start, run
+    from perl.methods import adapt
+
+    if not os.path.exists(args.config):
+        print(f"error: --config: {args.config} does not exist", file=sys.stderr)
+        return 2
+    cfg = OmegaConf.merge(OmegaConf.load(args.config), OmegaConf.from_dotlist(args.overrides))
+    if "toy" not in cfg:
+        print("error: only the toy task runs in the single-machine engine so far (config needs a `toy:` block)",
+              file=sys.stderr)
+        return 2
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    print(OmegaConf.to_yaml(cfg, resolve=True))
+    toy = ToyConfig(**{**resolved["toy"], "ops": tuple(resolved["toy"].get("ops", ("add",)))})
+    rl = RLConfig(**resolved["rl"], seed=resolved.get("seed", 0))
+    torch.manual_seed(resolved.get("seed", 0))
+    model, tok, path = cold_start(toy)
+    data = resolved["data"]
+    train = to_verl_rows(arithmetic_rows(data["train_size"], toy.digits, toy.ops, seed=1), "arith", "train", TOY_TEMPLATE)
+    held = to_verl_rows(arithmetic_rows(data["eval_size"], toy.digits, toy.ops, seed=10_001), "arith", "test", TOY_TEMPLATE)
+    rollout = copy.deepcopy(model)
+    policy = adapt(model, resolved["method"], total_steps=rl.steps * rl.mini_batches)  # optimizer steps
+    s = policy.summary()
+    print(f"{s['method']}: {s['trainable']:,} trainable parameters ({s['percent']:.3f}% of {s['total']:,}); cold start {path}")
+    summary = run(policy, rollout, tok, train.rows, held.rows, rl, resolved["out_dir"], eval_k=data["eval_k"],
+                  save_every=resolved.get("save_every", 10))
+    print(f"held-out Avg@{data['eval_k']} ({data['eval_size']} problems): {summary['eval_before']:.3f} -> "
+          f"{summary['eval_after']:.3f} ({summary['gain']:+.3f}); adapter, metrics.jsonl, reward_curve.png and "
+          f"summary.json in {resolved['out_dir']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from perl.methods import DEFAULT_ALPHA, DEFAULT_RANK
 
@@ -285,6 +324,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", help="run directories holding results.json")
     p.add_argument("--out", default="tables")
     p.set_defaults(func=_cmd_table)
+
+    p = sub.add_parser("train", help="RL with a PEFT method in the single-machine engine (the CPU toy run)")
+    p.add_argument("--config", default="examples/toy.yaml")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. method.name=dora rl.steps=60")
+    p.set_defaults(func=_cmd_train)
     return parser
 
 

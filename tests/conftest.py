@@ -54,3 +54,9 @@ def train_steps(policy, steps: int = 3, lr: float = 1e-2, seed: int = 2):
 @pytest.fixture(params=ARCHS)
 def arch(request):
     return request.param
+
+
+@pytest.fixture(scope="session")
+def toy_cache(tmp_path_factory):
+    """One cache directory for the toy cold start across the session (built once, ~45 s)."""
+    return str(tmp_path_factory.mktemp("perl-cache"))

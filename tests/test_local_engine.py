@@ -11,9 +11,9 @@ from perl.methods import adapt
 from perl.sync import merged_state_dict
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("perl-cache"))
+@pytest.fixture
+def cache(toy_cache):
+    return toy_cache
 
 
 def _rows(n, seed):
@@ -70,3 +70,62 @@ def test_config_is_checked():
         RLConfig(algorithm="ppo")
     with pytest.raises(ValueError, match="group_size"):
         RLConfig(group_size=1)
+
+
+def _toy_run(cache, out, on_step=None, steps=6):
+    from perl.local import run
+
+    model, tok, _ = cold_start(ToyConfig(), cache, progress=False)
+    torch.manual_seed(0)  # LoRA's A init comes from the global generator, as in `perl train`
+    policy = adapt(copy.deepcopy(model), {"name": "lora", "rank": 4, "alpha": 8.0, "dropout": 0.0})
+    cfg = RLConfig(steps=steps, prompts_per_step=3, group_size=4, lr=1e-3, max_new_tokens=16)
+    return run(policy, copy.deepcopy(model), tok, _rows(100, 3), _rows(20, 4), cfg, str(out), eval_k=2,
+               progress=False, save_every=3, on_step=on_step), policy
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(cache, tmp_path):
+    import json
+
+    ref_summary, ref_policy = _toy_run(cache, tmp_path / "ref")
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_5(step):
+        if step == 5:
+            raise Killed
+
+    with pytest.raises(Killed):
+        _toy_run(cache, tmp_path / "run", on_step=kill_at_5)
+    summary, policy = _toy_run(cache, tmp_path / "run")
+    assert summary["resumed"] is True
+    ref = dict(ref_policy.trainable_parameters())
+    for name, p in policy.trainable_parameters():  # lost at most the steps after the last checkpoint, redone identically
+        assert torch.equal(p, ref[name]), name
+    assert summary["eval_after"] == ref_summary["eval_after"]
+    lines = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [m["step"] for m in lines] == list(range(1, 7))
+    assert (tmp_path / "run" / "reward_curve.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_toy_run_learns_shorter_version(toy_cache, tmp_path):
+    """The README main job, shortened (60 steps, 100 held-out problems): DAPO + LoRA must lift
+    held-out Avg@4 from a cold start that has room to learn. Measured here: 0.545 -> 0.637."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "toy"
+    cmd = [sys.executable, "-m", "perl.cli", "train", "--config", os.path.join(root, "examples", "toy.yaml"),
+           f"out_dir={out}", "rl.steps=60", "data.eval_size=100"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PERL_CACHE=toy_cache)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert 0.1 <= summary["eval_before"] <= 0.7, summary
+    assert summary["eval_after"] - summary["eval_before"] >= 0.05, summary
+    metrics = [json.loads(x) for x in open(out / "metrics.jsonl")]
+    assert len(metrics) == 60 and all(m["kept_groups"] > 0 for m in metrics)
+    assert (out / "reward_curve.png").exists() and (out / "adapter" / "adapter_config.json").exists()

@@ -9,10 +9,12 @@ GRPO and Dr. GRPO are selectable (`algorithm`).
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -39,6 +41,7 @@ class RLConfig:
     clip_low: float = 0.2
     clip_high: float = 0.28  # DAPO clip-higher; grpo/drgrpo use clip_low on both sides
     max_gen_batches: int = 3  # dynamic sampling: at most this many generation rounds per step
+    mini_batches: int = 4  # optimizer steps per rollout batch (verl's ppo_mini_batch_size); >1 makes clipping bite
     max_new_tokens: int = 24
     temperature: float = 1.0
     top_p: float = 1.0
@@ -48,7 +51,7 @@ class RLConfig:
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm: {self.algorithm!r} is not one of {ALGORITHMS}")
-        for name in ("steps", "prompts_per_step", "group_size", "max_gen_batches", "max_new_tokens"):
+        for name in ("steps", "prompts_per_step", "group_size", "max_gen_batches", "max_new_tokens", "mini_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.group_size < 2:
@@ -176,21 +179,31 @@ class LocalRL:
                                                 norm_adv_by_std_in_grpo=cfg.algorithm != "drgrpo")
         model = self.policy.model
         model.train()
-        with torch.no_grad():
+        with torch.no_grad():  # the rollout policy's log-probs, fixed for all mini-batches of this step
             old_logp, _ = _log_probs_and_entropy(model, seqs, attn, p_width)
-        logp, entropy = _log_probs_and_entropy(model, seqs, attn, p_width)
-        pg_loss, pg_metrics = compute_policy_loss_vanilla(old_logp, logp, adv, mask, _loss_agg_mode(cfg), self.actor_cfg)
-        loss = pg_loss
-        extra = self.policy.extra_loss()
-        if extra is not None:
-            loss = loss + extra
-        loss.backward()
-        self.opt.step()
-        self.policy.after_optimizer_step(self.step_idx + 1)
-        self.opt.zero_grad(set_to_none=True)
+        groups = list(range(n // g))
+        self.rng.shuffle(groups)
+        chunks = [c for c in np.array_split(np.array(groups), min(cfg.mini_batches, len(groups))) if len(c)]
+        losses, entropies, clipfracs = [], [], []
+        for chunk in chunks:  # each mini-batch: whole groups, one optimizer step
+            rows = torch.tensor([i * g + j for i in chunk for j in range(g)])
+            logp, entropy = _log_probs_and_entropy(model, seqs[rows], attn[rows], p_width)
+            pg_loss, pg_metrics = compute_policy_loss_vanilla(old_logp[rows], logp, adv[rows], mask[rows],
+                                                              _loss_agg_mode(cfg), self.actor_cfg)
+            loss = pg_loss
+            extra = self.policy.extra_loss()
+            if extra is not None:
+                loss = loss + extra
+            loss.backward()
+            self.opt.step()
+            self.policy.after_optimizer_step()
+            self.opt.zero_grad(set_to_none=True)
+            losses.append(float(pg_loss.detach()))
+            entropies.append(float((entropy.detach() * mask[rows]).sum() / mask[rows].sum()))
+            clipfracs.append(float(pg_metrics["actor/pg_clipfrac"]))
         model.eval()
-        return {"pg_loss": float(pg_loss.detach()), "entropy": float((entropy.detach() * mask).sum() / mask.sum()),
-                "pg_clipfrac": float(pg_metrics["actor/pg_clipfrac"])}
+        return {"pg_loss": float(np.mean(losses)), "entropy": float(np.mean(entropies)),
+                "pg_clipfrac": float(np.mean(clipfracs)), "optimizer_steps": len(chunks)}
 
     @torch.no_grad()
     def evaluate(self, rows: list[dict], k: int = 4, seed: int = 1234) -> float:
@@ -205,24 +218,93 @@ class LocalRL:
         return float(np.mean([s["acc"] for s in self.reward.score_batch(texts, truths)]))
 
 
+CHECKPOINT = "checkpoint"
+
+
+def save_checkpoint(engine: LocalRL, out_dir: str) -> None:
+    """Adapter (peft format) + optimizer + engine state, written atomically as one directory."""
+    from perl.methods.base import _replace_dir
+
+    tmp = os.path.join(out_dir, f".{CHECKPOINT}.tmp-{os.getpid()}")
+    os.makedirs(tmp, exist_ok=True)
+    engine.policy.save(os.path.join(tmp, "adapter"))
+    torch.save({"optimizer": engine.opt.state_dict(), "step": engine.step_idx, "rng": engine.rng.getstate(),
+                "optimizer_steps": engine.policy.optimizer_steps,
+                "torch_rng": torch.get_rng_state()}, os.path.join(tmp, "trainer_state.pt"))
+    _replace_dir(tmp, os.path.join(out_dir, CHECKPOINT))
+
+
+def load_checkpoint(engine: LocalRL, out_dir: str) -> bool:
+    """Restore the engine from `out_dir/checkpoint` if there is one; True when resumed."""
+    from perl.methods import load_adapted
+
+    path = os.path.join(out_dir, CHECKPOINT)
+    if not os.path.exists(os.path.join(path, "trainer_state.pt")):
+        return False
+    trained = load_adapted(copy.deepcopy(engine.rollout_base), os.path.join(path, "adapter"), is_trainable=True)
+    live = dict(engine.policy.model.named_parameters())
+    with torch.no_grad():
+        for name, p in trained.model.named_parameters():
+            live[name].copy_(p)
+    state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
+    engine.opt.load_state_dict(state["optimizer"])
+    engine.step_idx = state["step"]
+    engine.policy.optimizer_steps = state["optimizer_steps"]
+    engine.rng.setstate(state["rng"])
+    torch.set_rng_state(state["torch_rng"])
+    return True
+
+
+def plot_curve(metrics_path: str, png_path: str) -> str:
+    from perl.analysis.plotting import finish, new_figure
+
+    rows = [json.loads(line) for line in open(metrics_path) if line.strip()]
+    fig, (ax,) = new_figure(figsize=(6, 3.5))
+    ax.plot([r["step"] for r in rows], [r["reward"] for r in rows], label="train reward (all rollouts)")
+    ax.set_xlabel("RL step")
+    ax.set_ylabel("reward")
+    return finish(fig, [ax], png_path)
+
+
 def run(policy, rollout_model, tokenizer, train_rows, eval_rows, cfg: RLConfig, out_dir: str,
-        eval_k: int = 4, progress: bool = True) -> dict[str, Any]:
-    """Train, log per-step metrics to metrics.jsonl, evaluate before/after, save the adapter."""
+        eval_k: int = 4, progress: bool = True, save_every: int = 10,
+        on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Train with per-step metrics (metrics.jsonl), held-out Avg@k before/after, a reward-curve PNG,
+    checkpoints every `save_every` steps; a killed run resumes from its last checkpoint."""
     os.makedirs(out_dir, exist_ok=True)
     engine = LocalRL(policy, rollout_model, tokenizer, train_rows, cfg)
-    before = engine.evaluate(eval_rows, eval_k)
+    engine.rollout_base = copy.deepcopy(rollout_model)  # pristine base for reloading checkpoints
     log_path = os.path.join(out_dir, "metrics.jsonl")
-    with open(log_path, "w") as log, tqdm(range(cfg.steps), desc=f"RL {policy.name}", disable=not progress) as bar:
+    summary_path = os.path.join(out_dir, "summary.json")
+    resumed = load_checkpoint(engine, out_dir)
+    if resumed:
+        before = json.load(open(os.path.join(out_dir, "eval_before.json")))["avg"]
+        lines = [line for line in open(log_path) if line.strip()][: engine.step_idx]  # drop steps after the checkpoint
+        with open(log_path, "w") as f:
+            f.writelines(lines)
+    else:
+        before = engine.evaluate(eval_rows, eval_k)
+        with open(os.path.join(out_dir, "eval_before.json"), "w") as f:
+            json.dump({"avg": before, "k": eval_k}, f)
+        open(log_path, "w").close()
+    with open(log_path, "a") as log, tqdm(range(engine.step_idx, cfg.steps), initial=engine.step_idx, total=cfg.steps,
+                                          desc=f"RL {policy.name}", disable=not progress) as bar:
         for _ in bar:
             m = engine.step()
             log.write(json.dumps(m) + "\n")
             log.flush()
             bar.set_postfix(reward=f"{m['reward']:.2f}", kept=m["kept_groups"], ent=f"{m['entropy']:.2f}",
                             clip=f"{m['pg_clipfrac']:.3f}")
+            if engine.step_idx % save_every == 0 or engine.step_idx == cfg.steps:
+                save_checkpoint(engine, out_dir)
+            if on_step is not None:
+                on_step(engine.step_idx)
     after = engine.evaluate(eval_rows, eval_k)
     policy.save(os.path.join(out_dir, "adapter"))
+    plot_curve(log_path, os.path.join(out_dir, "reward_curve.png"))
     summary = {"method": policy.name, "eval_before": before, "eval_after": after, "gain": after - before,
-               "trainable_percent": policy.trainable_percent(), "config": asdict(cfg)}
-    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+               "eval_k": eval_k, "eval_problems": len(eval_rows), "trainable_percent": policy.trainable_percent(),
+               "resumed": resumed, "config": asdict(cfg)}
+    with open(summary_path, "w") as f:
         json.dump(summary, f, indent=2)
     return summary
