@@ -1,7 +1,7 @@
 """Single-machine path: the embedded toy task and a one-process RLVR engine (CPU or one GPU).
 
-Status: the engine and the toy cold start work and are tested; the `perl train` entry point,
-resume, plots and the README main job built on them are not wired yet (issue 6).
+`perl train --config examples/toy.yaml` (README's main job) runs it. Not here yet: the 13-method
+toy table (`perl bench toy`) and a real-model example (SmolLM2-135M).
 """
 
 from .engine import ALGORITHMS, LocalRL, RLConfig, run
