@@ -53,7 +53,7 @@ def test_update_trains_adapter_syncs_rollout_and_keeps_base(cache, method):
     assert all(m["kept_groups"] > 0 for m in metrics), metrics  # mixed rewards: there is signal
     for m in metrics:
         assert 0 < m["reward"] < 1 and m["entropy"] > 0 and 0 <= m["pg_clipfrac"] <= 1
-        assert {"sync_s", "rollout_reward_s", "update_s", "response_len"} <= set(m)
+        assert {"sync_s", "rollout_s", "reward_s", "update_s", "response_len"} <= set(m)
     assert any(not torch.equal(p, adapter_before[n]) for n, p in policy.trainable_parameters())
     base_now = policy.model.get_base_model().state_dict()
     for k, v in base_before.items():  # frozen base, bit for bit (LoRA keys live under base_layer)

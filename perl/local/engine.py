@@ -92,6 +92,7 @@ class LocalRL:
         self.actor_cfg = _actor_config(cfg)
         self.sampling = SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_p)
         self._prompt_cache: dict[int, list[int]] = {}
+        self._timing = {"rollout_s": 0.0, "reward_s": 0.0}
 
     def prompt_ids(self, i: int) -> list[int]:
         if i not in self._prompt_cache:
@@ -108,16 +109,20 @@ class LocalRL:
         g = self.cfg.group_size
         ids = [self.prompt_ids(i) for i in prompt_idx for _ in range(g)]
         seeds = [sample_seed(self.cfg.seed, f"train:{self.step_idx}:{round_}:{i}", j) for i in prompt_idx for j in range(g)]
+        t0 = time.perf_counter()
         outs = sample(self.rollout, ids, seeds, self.sampling, [self.tok.eos_token_id], self.tok.pad_token_id)
+        t1 = time.perf_counter()
         texts = [self.tok.decode(o, skip_special_tokens=True) for o in outs]
         truths = [self.rows[i]["reward_model"]["ground_truth"] for i in prompt_idx for _ in range(g)]
         scores = self.reward.score_batch(texts, truths)
+        self._timing["rollout_s"] += t1 - t0
+        self._timing["reward_s"] += time.perf_counter() - t1
         return ids, outs, scores
 
     def step(self) -> dict[str, float]:
         cfg, g = self.cfg, self.cfg.group_size
+        self._timing = {"rollout_s": 0.0, "reward_s": 0.0}
         timings = {"sync_s": self.sync()}
-        t0 = time.perf_counter()
         kept: list[tuple[list[int], list[int], float]] = []  # (prompt ids, response ids, reward)
         drawn = groups_seen = 0
         all_scores: list[dict] = []
@@ -137,7 +142,7 @@ class LocalRL:
                     continue  # dynamic sampling: no signal in a group whose rewards are all equal
                 if len(kept) // g < cfg.prompts_per_step:
                     kept += [(ids[j], outs[j], rewards[j - k * g]) for j in group]
-        timings["rollout_reward_s"] = time.perf_counter() - t0
+        timings.update(self._timing)
         metrics = {
             "step": self.step_idx + 1,
             "reward": float(np.mean([s["score"] for s in all_scores])),
