@@ -30,12 +30,12 @@ def main() -> None:
 
     from perl.data import arithmetic_rows
     from perl.engine import SamplingConfig, sample
+    from perl.engine.tokenizer import prompt_ids
     from perl.local import ToyConfig, cold_start
 
     model, tok, _ = cold_start(ToyConfig())
     rows = arithmetic_rows(args.prompts, 2, ("add",), seed=5)
-    prompts = [tok.apply_chat_template([{"role": "user", "content": r["problem"]}], add_generation_prompt=True,
-                                       tokenize=True)["input_ids"] for r in rows]
+    prompts = [prompt_ids(tok, [{"role": "user", "content": r["problem"]}]) for r in rows]
     cfg = SamplingConfig(max_new_tokens=24, temperature=1.0, top_p=1.0)
     width = max(map(len, prompts))
     ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts])

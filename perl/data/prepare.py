@@ -13,7 +13,6 @@ import json
 import os
 import random
 import re
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -268,15 +267,8 @@ def write_parquet(rows: list[dict[str, Any]], path: str) -> str:
     """Atomic: written next to `path`, then renamed."""
     if not rows:
         raise ValueError(f"no rows to write to {path}")
-    path = os.path.abspath(path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".parquet", dir=os.path.dirname(path))
-    os.close(fd)
-    try:
+    from perl.io import atomic_file
+
+    with atomic_file(path, suffix=".parquet") as tmp:
         pd.DataFrame(rows).to_parquet(tmp, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+    return os.path.abspath(path)

@@ -48,3 +48,8 @@ def load_tokenizer(path: str):
         if cls in ("TokenizersBackend", "PreTrainedTokenizerFast"):
             return PreTrainedTokenizerFast.from_pretrained(path)
     return AutoTokenizer.from_pretrained(path)
+
+
+def prompt_ids(tokenizer, messages) -> list[int]:
+    """Token ids of a chat prompt ready for generation (transformers 5 returns a BatchEncoding)."""
+    return tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)["input_ids"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from math import comb
 
 
 def avg_at_k(correct: Sequence[bool | float]) -> float:

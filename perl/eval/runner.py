@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -23,6 +22,7 @@ from tqdm import tqdm
 
 from perl.engine import SamplingConfig, sample
 from perl.reward import MathReward
+from perl.engine.tokenizer import prompt_ids
 
 from .metrics import benchmark_metrics, sample_seed
 
@@ -65,10 +65,10 @@ def _read_samples(path: str) -> dict[tuple[int, int], dict[str, Any]]:
 
 
 def _write_json_atomic(obj: Any, path: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path) or ".")
-    with os.fdopen(fd, "w") as f:
+    from perl.io import atomic_file
+
+    with atomic_file(path) as tmp, open(tmp, "w") as f:
         json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 def metrics_from_samples(samples: dict[tuple[int, int], dict[str, Any]]) -> dict[str, float]:
@@ -109,8 +109,7 @@ def evaluate(model, tokenizer, benchmarks: dict[str, str], out_dir: str, config:
                 ids = []
                 for i, _ in batch:
                     if i not in prompts:
-                        prompts[i] = tokenizer.apply_chat_template(list(rows[i]["prompt"]), add_generation_prompt=True,
-                                                                   tokenize=True)["input_ids"]
+                        prompts[i] = prompt_ids(tokenizer, rows[i]["prompt"])
                     ids.append(prompts[i])
                 seeds = [sample_seed(config.seed, f"{name}:{i}", j) for i, j in batch]
                 outs = sample(model, ids, seeds, config.sampling, eos, pad)

@@ -27,6 +27,7 @@ from perl.eval.metrics import sample_seed
 from perl.methods import AdaptedPolicy
 from perl.reward import MathReward
 from perl.sync import merged_weights
+from perl.engine.tokenizer import prompt_ids
 
 ALGORITHMS = ("dapo", "grpo", "drgrpo")
 
@@ -94,10 +95,9 @@ class LocalRL:
         self._prompt_cache: dict[int, list[int]] = {}
         self._timing = {"rollout_s": 0.0, "reward_s": 0.0}
 
-    def prompt_ids(self, i: int) -> list[int]:
+    def cached_prompt(self, i: int) -> list[int]:
         if i not in self._prompt_cache:
-            self._prompt_cache[i] = self.tok.apply_chat_template(list(self.rows[i]["prompt"]), add_generation_prompt=True,
-                                                                 tokenize=True)["input_ids"]
+            self._prompt_cache[i] = prompt_ids(self.tok, self.rows[i]["prompt"])
         return self._prompt_cache[i]
 
     def sync(self) -> float:
@@ -107,7 +107,7 @@ class LocalRL:
 
     def _generate_groups(self, prompt_idx: list[int], round_: int):
         g = self.cfg.group_size
-        ids = [self.prompt_ids(i) for i in prompt_idx for _ in range(g)]
+        ids = [self.cached_prompt(i) for i in prompt_idx for _ in range(g)]
         seeds = [sample_seed(self.cfg.seed, f"train:{self.step_idx}:{round_}:{i}", j) for i in prompt_idx for j in range(g)]
         t0 = time.perf_counter()
         outs = sample(self.rollout, ids, seeds, self.sampling, [self.tok.eos_token_id], self.tok.pad_token_id)
@@ -214,8 +214,7 @@ class LocalRL:
     def evaluate(self, rows: list[dict], k: int = 4, seed: int = 1234) -> float:
         """Avg@k on held-out rows with the current policy (through the rollout model)."""
         self.sync()
-        ids = [self.tok.apply_chat_template(list(r["prompt"]), add_generation_prompt=True, tokenize=True)["input_ids"]
-               for r in rows for _ in range(k)]
+        ids = [prompt_ids(self.tok, r["prompt"]) for r in rows for _ in range(k)]
         seeds = [sample_seed(seed, f"eval:{i}", j) for i in range(len(rows)) for j in range(k)]
         outs = sample(self.rollout, ids, seeds, self.sampling, [self.tok.eos_token_id], self.tok.pad_token_id)
         texts = [self.tok.decode(o, skip_special_tokens=True) for o in outs]
@@ -228,15 +227,13 @@ CHECKPOINT = "checkpoint"
 
 def save_checkpoint(engine: LocalRL, out_dir: str) -> None:
     """Adapter (peft format) + optimizer + engine state, written atomically as one directory."""
-    from perl.methods.base import _replace_dir
+    from perl.io import atomic_dir
 
-    tmp = os.path.join(out_dir, f".{CHECKPOINT}.tmp-{os.getpid()}")
-    os.makedirs(tmp, exist_ok=True)
-    engine.policy.save(os.path.join(tmp, "adapter"))
-    torch.save({"optimizer": engine.opt.state_dict(), "step": engine.step_idx, "rng": engine.rng.getstate(),
-                "optimizer_steps": engine.policy.optimizer_steps,
-                "torch_rng": torch.get_rng_state()}, os.path.join(tmp, "trainer_state.pt"))
-    _replace_dir(tmp, os.path.join(out_dir, CHECKPOINT))
+    with atomic_dir(os.path.join(out_dir, CHECKPOINT)) as tmp:
+        engine.policy.save(os.path.join(tmp, "adapter"))
+        torch.save({"optimizer": engine.opt.state_dict(), "step": engine.step_idx, "rng": engine.rng.getstate(),
+                    "optimizer_steps": engine.policy.optimizer_steps,
+                    "torch_rng": torch.get_rng_state()}, os.path.join(tmp, "trainer_state.pt"))
 
 
 def load_checkpoint(engine: LocalRL, out_dir: str) -> bool:

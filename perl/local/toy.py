@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
-from perl.engine.tokenizer import char_tokenizer
+from perl.engine.tokenizer import char_tokenizer, prompt_ids
 
 TOY_TEMPLATE = "{question}"  # the format is taught by the warm start; keeps prompts short on CPU
 
@@ -66,8 +66,7 @@ def build_cold_start(cfg: ToyConfig, progress: bool = True):
     model.train()
     for step in tqdm(range(cfg.sft_steps), desc="toy warm start", disable=not progress):
         rows = _problems(cfg.sft_batch, cfg, rng.randrange(1 << 30))
-        prompts = [tok.apply_chat_template([{"role": "user", "content": r["problem"]}], add_generation_prompt=True,
-                                           tokenize=True)["input_ids"] for r in rows]
+        prompts = [prompt_ids(tok, [{"role": "user", "content": r["problem"]}]) for r in rows]
         targets = [tok.encode(solution_text(r["problem"], r["answer"]), add_special_tokens=False) + [tok.eos_token_id]
                    for r in rows]
         width = max(len(p) + len(t) for p, t in zip(prompts, targets))

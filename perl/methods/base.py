@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -207,12 +204,10 @@ class AdaptedPolicy:
         }
 
     def save(self, out_dir: str) -> str:
-        """Save atomically: write into a sibling temp dir, then rename over `out_dir`."""
-        out_dir = os.path.abspath(out_dir)
-        parent = os.path.dirname(out_dir)
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
-        try:
+        """Save atomically (a sibling temp dir renamed over `out_dir`)."""
+        from perl.io import atomic_dir
+
+        with atomic_dir(out_dir) as tmp:
             self.method.save(self, tmp)
             meta = {
                 "perl_format": FORMAT_VERSION,
@@ -228,29 +223,10 @@ class AdaptedPolicy:
             }
             with open(os.path.join(tmp, METADATA_FILE), "w") as f:
                 json.dump(meta, f, indent=2, default=_json_default)
-            _replace_dir(tmp, out_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return out_dir
+        return os.path.abspath(out_dir)
 
 
 def _json_default(obj: Any) -> Any:
     if isinstance(obj, (tuple, set)):
         return list(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
-
-
-def _replace_dir(src: str, dst: str) -> None:
-    """Move `src` to `dst`; an existing `dst` is kept aside until the move has succeeded."""
-    if not os.path.exists(dst):
-        os.replace(src, dst)
-        return
-    aside = f"{dst}.old-{uuid.uuid4().hex[:8]}"
-    os.replace(dst, aside)
-    try:
-        os.replace(src, dst)
-    except BaseException:
-        os.replace(aside, dst)
-        raise
-    shutil.rmtree(aside, ignore_errors=True)

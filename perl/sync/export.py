@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 
 import torch
 from tqdm import tqdm
 
-from perl.methods.base import AdaptedPolicy, _replace_dir
+from perl.io import atomic_dir
+from perl.methods.base import AdaptedPolicy
 
 from .merge import hf_model, merged_weights
 
@@ -51,11 +51,7 @@ def export_merged(policy: AdaptedPolicy, out_dir: str, *, dtype: str | torch.dty
 
     dt = parse_dtype(dtype)
     limit = parse_size(max_shard_size)
-    out_dir = os.path.abspath(out_dir)
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
-    try:
+    with atomic_dir(out_dir) as tmp:
         shards: list[dict[str, torch.Tensor]] = [{}]
         written: list[str] = []
         weight_map: dict[str, str] = {}
@@ -98,8 +94,4 @@ def export_merged(policy: AdaptedPolicy, out_dir: str, *, dtype: str | torch.dty
                 src = os.path.join(tokenizer_dir, fname)
                 if os.path.exists(src):
                     shutil.copy2(src, os.path.join(tmp, fname))
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return os.path.abspath(out_dir)
