@@ -1,0 +1,542 @@
+"""The configuration of a PeRL run on verl: verl's hydra `ppo_trainer` + the PeRL `peft:` block + DAPO.
+
+`compose(user, overrides)` builds the full config (see the layering in `config/perl_dapo.yaml`);
+`check(cfg)` fails early, with the field name and the allowed values, on everything that would
+otherwise fail minutes later inside Ray workers: unknown keys, a method that does not fit the model,
+missing model or data paths, batch sizes that do not divide, vLLM missing, and verl's own
+`validate_config`. Nothing here starts Ray, vLLM or a GPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from perl.methods import METHODS, MethodSpec, MethodSpecError
+from perl.methods.catalog import resolve_options
+from perl.sync.lora import ADAPTER_SYNC_METHODS
+
+CONFIG_DIR = os.path.join(os.path.dirname(__file__), "config")
+BASE_YAML = os.path.join(CONFIG_DIR, "perl_dapo.yaml")
+ENGINE_LIB = "perl.verl_glue.engine"
+REWARD_PATH = "pkg://perl.reward.verl_reward"
+SAMPLER_PATH = "pkg://perl.verl_glue.sampler"
+SAMPLER_NAME = "PerlReplayBuffer"
+
+ALGORITHMS = ("dapo", "grpo", "drgrpo")
+ADAPTER_SYNC = ("merged", "adapter")
+SYNC_DTYPES = ("bfloat16", "float16", "float32")
+PEFT_KEYS = ("name", "rank", "alpha", "dropout", "target_modules", "options", "adapter_sync", "sync_dtype")
+FULL_LR = 1e-6  # the paper's full fine-tuning run
+# Methods whose whole trainable state sits under 'lora_' keys (what verl's save_lora_only keeps).
+LORA_KEYED_METHODS = ("lora", "dora", "adalora", "lora_plus", "rslora", "pissa", "milora", "lora_fa")
+
+# What each algorithm of the paper's ablation changes on top of the DAPO base.
+PRESETS: dict[str, dict[str, Any]] = {
+    "dapo": {},
+    # GRPO (paper eq. 1): symmetric clip, per-sequence token mean, no dynamic sampling
+    "grpo": {
+        "actor_rollout_ref.actor.clip_ratio_high": 0.2,
+        "actor_rollout_ref.actor.loss_agg_mode": "seq-mean-token-mean",
+        "algorithm.filter_groups.enable": False,
+    },
+    # Dr. GRPO: no length normalisation (constant horizon), no std normalisation of advantages
+    "drgrpo": {
+        "actor_rollout_ref.actor.clip_ratio_high": 0.2,
+        "actor_rollout_ref.actor.loss_agg_mode": "seq-mean-token-sum-norm",
+        "actor_rollout_ref.actor.loss_scale_factor": "${data.max_response_length}",
+        "algorithm.norm_adv_by_std_in_grpo": False,
+        "algorithm.filter_groups.enable": False,
+    },
+}
+
+# Keys PeRL writes itself (from peft:/perl:); a recipe setting them would be silently overwritten.
+DERIVED = (
+    "actor_rollout_ref.model.lora_rank",
+    "actor_rollout_ref.model.lora.perl",
+    "actor_rollout_ref.model.lora.merge",
+)
+
+
+class ConfigError(ValueError):
+    """A PeRL/verl configuration that cannot run; the message names the field and the allowed values."""
+
+
+# ------------------------------------------------------------------------------------------------
+# composition
+# ------------------------------------------------------------------------------------------------
+
+_VERL_DEFAULTS: DictConfig | None = None
+
+
+def verl_defaults() -> DictConfig:
+    """verl 0.9.1's `ppo_trainer` config, composed with hydra exactly as `verl.trainer.main_ppo` does."""
+    global _VERL_DEFAULTS
+    if _VERL_DEFAULTS is None:
+        import verl
+        from hydra import compose as hydra_compose
+        from hydra import initialize_config_dir
+        from hydra.core.global_hydra import GlobalHydra
+
+        config_dir = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=config_dir, version_base=None):
+            _VERL_DEFAULTS = hydra_compose(config_name="ppo_trainer")
+    return copy.deepcopy(_VERL_DEFAULTS)
+
+
+def parse_overrides(overrides: Sequence[str]) -> tuple[DictConfig, DictConfig]:
+    """`key=value` (must exist) and `+key=value` (may add) command-line overrides, hydra style."""
+    strict, add = [], []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value (or +key=value to add a key)")
+        if item.startswith("~"):
+            raise ConfigError(f"override {item!r}: deleting keys is not supported; set the value instead")
+        (add if item.startswith("+") else strict).append(item.lstrip("+"))
+    try:
+        return OmegaConf.from_dotlist(strict), OmegaConf.from_dotlist(add)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"overrides: {e}") from None
+
+
+def _merge(cfg: DictConfig, layer: DictConfig | Mapping, what: str, *, allow_new: bool = False) -> DictConfig:
+    """Merge `layer` into `cfg`; an unknown key is an error naming it (verl's config is a closed schema)."""
+    try:
+        if allow_new:
+            with open_dict(cfg):
+                return OmegaConf.merge(cfg, layer)
+        return OmegaConf.merge(cfg, layer)
+    except ConfigKeyError as e:
+        key = getattr(e, "full_key", None) or str(e)
+        raise ConfigError(
+            f"{what}: unknown key {key!r} (not in verl's ppo_trainer config nor in PeRL's peft:/perl: blocks); "
+            "check the spelling, or use +key=value on the command line to add a key deliberately"
+        ) from None
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{what}: {e}") from None
+
+
+def _open(cfg: DictConfig, *paths: str) -> None:
+    """Let free-form subtrees (method options, reward kwargs) take keys verl's schema does not list."""
+    for path in paths:
+        node = OmegaConf.select(cfg, path)
+        if isinstance(node, DictConfig):
+            OmegaConf.set_struct(node, False)
+
+
+def _pick(key: str, *layers: DictConfig, default: Any = None) -> Any:
+    for layer in layers:
+        value = OmegaConf.select(layer, key, default=None)
+        if value is not None:
+            return value
+    return default
+
+
+def compose(user: DictConfig | Mapping | str | None = None, overrides: Sequence[str] = ()) -> DictConfig:
+    """The full run config: verl defaults <- PeRL base <- algorithm preset <- recipe <- overrides <- derived.
+
+    `user` is a recipe: a mapping, a DictConfig or a YAML path. Raises `ConfigError` on unknown keys,
+    an unknown algorithm or method, or an invalid peft block.
+    """
+    if isinstance(user, str):
+        user = load_recipe(user)
+    user = OmegaConf.create(dict(user) if isinstance(user, Mapping) and not isinstance(user, DictConfig) else user or {})
+    strict, add = parse_overrides(overrides)
+
+    base = OmegaConf.load(BASE_YAML)
+    algorithm = str(_pick("perl.algorithm", add, strict, user, base))
+    if algorithm not in ALGORITHMS:
+        raise ConfigError(f"perl.algorithm: {algorithm!r} is not one of {', '.join(ALGORITHMS)}")
+    method = str(_pick("peft.name", add, strict, user, base)).strip().lower().replace("-", "_")
+    loss_strict, loss_add = loss_mode_overrides(_pick("perl.loss_mode", add, strict, user, base, default="token"),
+                                                _pick("perl.sgrpo", add, strict, user, base))
+
+    cfg = verl_defaults()
+    with open_dict(cfg):
+        cfg.peft = base.pop("peft")
+        cfg.perl = base.pop("perl")
+        cfg.reward.reward_kwargs = base.reward.pop("reward_kwargs")
+    _open(cfg, "peft", "perl", "reward.reward_kwargs")
+    layers = [(base, "perl/verl_glue/config/perl_dapo.yaml"),
+              (OmegaConf.from_dotlist([f"{k}={v}" for k, v in PRESETS[algorithm].items()]),
+               f"perl.algorithm={algorithm} preset")]
+    if method == "full":
+        layers.append((OmegaConf.create({"actor_rollout_ref": {"actor": {"optim": {"lr": FULL_LR}}}}), "peft.name=full"))
+    layers += [(loss_strict, "perl.loss_mode"), (user, "recipe"), (strict, "override")]
+    try:  # one merge into verl's (large, closed) schema; per layer only to name the culprit of an error
+        cfg = OmegaConf.merge(cfg, OmegaConf.merge(*[layer for layer, _ in layers]))
+    except OmegaConfBaseException:
+        for layer, what in layers:
+            cfg = _merge(cfg, layer, what)
+        raise
+    cfg = _merge(cfg, loss_add, "perl.loss_mode", allow_new=True)
+    cfg = _merge(cfg, add, "+override", allow_new=True)
+    for key in DERIVED:
+        for layer, name in ((user, "recipe"), (strict, "override"), (add, "override")):
+            if OmegaConf.select(layer, key, default=None) is not None:
+                raise ConfigError(f"{key} is derived from the peft: block; set peft.* instead (found in the {name})")
+    derive(cfg)
+    return cfg
+
+
+def load_recipe(path: str, _chain: tuple[str, ...] = ()) -> DictConfig:
+    """A recipe YAML. Its optional `defaults:` list names other YAML files (paths relative to the
+    recipe) that are merged first, in order, then the recipe itself; included files may include
+    others. This is how recipes/ shares a scale (model, batch sizes, steps) between recipes."""
+    if not os.path.exists(path):
+        raise ConfigError(f"--config: {path} does not exist" + (f" (in the defaults of {_chain[-1]})" if _chain else ""))
+    real = os.path.realpath(path)
+    if real in _chain:
+        raise ConfigError(f"recipe defaults: {path} includes itself ({' -> '.join([*_chain, real])})")
+    try:
+        node = OmegaConf.load(path)
+    except Exception as e:  # yaml / omegaconf parse errors
+        raise ConfigError(f"--config {path}: {e}") from None
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"--config {path}: a recipe is a mapping of config keys")
+    includes = node.pop("defaults", None)
+    if includes is None:
+        return node
+    includes = [includes] if isinstance(includes, str) else includes
+    if not isinstance(includes, ListConfig) or not all(isinstance(i, str) for i in includes):
+        raise ConfigError(f"{path}: defaults must be a list of YAML paths relative to the recipe")
+    here = os.path.dirname(path)
+    layers = [load_recipe(os.path.join(here, i), (*_chain, real)) for i in includes]
+    return OmegaConf.merge(*layers, node)
+
+
+def loss_mode_overrides(loss_mode: str, sgrpo: Any = None) -> tuple[DictConfig, DictConfig]:
+    """perl.loss_mode=sgrpo|tspmo: the overrides of `perl.algos.verl_overrides` (token: none)."""
+    from perl.algos import LOSS_MODES, SGRPOConfig, verl_overrides
+
+    if loss_mode not in LOSS_MODES:
+        raise ConfigError(f"perl.loss_mode: {loss_mode!r} is not one of {', '.join(LOSS_MODES)}")
+    if sgrpo is not None and loss_mode != "sgrpo":
+        raise ConfigError(f"perl.sgrpo is set but perl.loss_mode={loss_mode}; it applies to loss_mode=sgrpo only")
+    try:
+        knobs = OmegaConf.to_container(sgrpo) if isinstance(sgrpo, DictConfig) else dict(sgrpo or {})
+        config = SGRPOConfig(**knobs) if loss_mode == "sgrpo" else None
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"perl.sgrpo: {e}") from None
+    return parse_overrides(verl_overrides(loss_mode, config))
+
+
+PERL_KEYS = ("algorithm", "overlong_buffer", "loss_mode", "sgrpo", "data_dir")
+
+
+def perl_block(cfg: DictConfig) -> dict[str, Any]:
+    block = OmegaConf.to_container(cfg.perl, resolve=True)
+    unknown = sorted(set(block) - set(PERL_KEYS))
+    if unknown:
+        raise ConfigError(f"perl: unknown key(s) {unknown}; allowed: {', '.join(PERL_KEYS)}")
+    return block
+
+
+# ------------------------------------------------------------------------------------------------
+# the peft block and the keys derived from it
+# ------------------------------------------------------------------------------------------------
+
+
+def peft_block(cfg: DictConfig) -> dict[str, Any]:
+    block = OmegaConf.to_container(cfg.peft, resolve=True)
+    unknown = sorted(set(block) - set(PEFT_KEYS))
+    if unknown:
+        raise ConfigError(f"peft: unknown key(s) {unknown}; allowed: {', '.join(PEFT_KEYS)} "
+                          "(method-specific knobs go under peft.options)")
+    return block
+
+
+def peft_spec(cfg: DictConfig) -> MethodSpec:
+    """The method spec of the `peft:` block, validated (name, shared knobs, the method's own options)."""
+    block = peft_block(cfg)
+    spec_fields = {k: block[k] for k in ("name", "rank", "alpha", "dropout", "target_modules", "options")
+                   if k in block and block[k] is not None}
+    try:
+        spec = MethodSpec.from_dict(spec_fields)
+        if spec.name not in METHODS:
+            raise MethodSpecError(f"peft.name: unknown method {spec.name!r}; valid methods: {', '.join(METHODS)}")
+        resolve_options(METHODS[spec.name], spec.options)
+    except MethodSpecError as e:
+        raise ConfigError(str(e)) from None
+    return spec
+
+
+def rebase_data_files(cfg: DictConfig) -> None:
+    """perl.data_dir set: relative data.train_files / val_files are file names under it. The directory
+    is made absolute here (Ray workers need not share the launcher's working directory)."""
+    data_dir = cfg.perl.get("data_dir")
+    if not data_dir:
+        return
+    root = os.path.abspath(os.path.expanduser(str(data_dir)))
+
+    def under(f: Any) -> Any:
+        f = str(f)
+        return f if _is_remote(f) or os.path.isabs(os.path.expanduser(f)) else os.path.join(root, f)
+
+    with open_dict(cfg):
+        cfg.perl.data_dir = root
+        for key in ("train_files", "val_files"):
+            files = cfg.data[key]
+            if isinstance(files, (list, ListConfig)):
+                cfg.data[key] = [under(f) for f in files]
+            elif files is not None:
+                cfg.data[key] = under(files)
+
+
+def updates_per_step(cfg: DictConfig) -> int:
+    """Optimizer steps per trainer step (verl: ppo_epochs x mini-batches per train batch)."""
+    actor = cfg.actor_rollout_ref.actor
+    mini = int(actor.ppo_mini_batch_size)
+    return int(actor.ppo_epochs) * max(1, int(cfg.data.train_batch_size) // max(1, mini))
+
+
+def derive(cfg: DictConfig) -> None:
+    """Write the keys verl needs from the PeRL blocks (in place)."""
+    spec = peft_spec(cfg)
+    block = peft_block(cfg)
+    perl_block(cfg)
+    sync = str(block.get("adapter_sync", "merged"))
+    if sync not in ADAPTER_SYNC:
+        raise ConfigError(f"peft.adapter_sync: {sync!r} is not one of {', '.join(ADAPTER_SYNC)}")
+    if sync == "adapter" and spec.name not in ADAPTER_SYNC_METHODS:
+        raise ConfigError(f"peft.adapter_sync=adapter serves plain LoRA through vLLM's LoRA path; {spec.name} has no "
+                          f"such form. Use adapter_sync=merged, or a method among {', '.join(ADAPTER_SYNC_METHODS)}")
+    sync_dtype = str(block.get("sync_dtype", "bfloat16"))
+    if sync_dtype not in SYNC_DTYPES:
+        raise ConfigError(f"peft.sync_dtype: {sync_dtype!r} is not one of {', '.join(SYNC_DTYPES)}")
+    for role in ("actor", "ref"):
+        strategy = cfg.actor_rollout_ref[role].strategy
+        if strategy != "fsdp2":
+            raise ConfigError(f"actor_rollout_ref.{role}.strategy: PeRL's engine runs on fsdp2 (per-parameter "
+                              f"sharding keeps every method's adapter names), got {strategy!r}")
+
+    save_lora_only = OmegaConf.select(cfg, "actor_rollout_ref.actor.checkpoint.save_lora_only", default=False)
+    if save_lora_only and spec.name not in LORA_KEYED_METHODS:
+        raise ConfigError(f"actor_rollout_ref.actor.checkpoint.save_lora_only keeps only 'lora_' keys; {spec.name}'s "
+                          f"adapter has others, so resume would lose it. Leave it false, or use one of "
+                          f"{', '.join(LORA_KEYED_METHODS)}")
+
+    rebase_data_files(cfg)
+    updates = updates_per_step(cfg)
+    total = cfg.trainer.total_training_steps
+    model = cfg.actor_rollout_ref.model
+    with open_dict(model):
+        # verl keeps the reference policy in the actor (adapter disabled) and calls the engine's
+        # adapter hook exactly when lora_rank > 0; full fine-tuning has no adapter.
+        model.lora_rank = 0 if spec.name == "full" else spec.rank
+        model.lora.merge = sync == "merged"
+        model.lora.perl = {
+            "spec": spec.to_dict(),
+            "adapter_sync": sync,
+            "sync_dtype": sync_dtype,
+            "updates_per_step": updates,
+            "total_steps": int(total) * updates if total else None,
+        }
+        libs = model.external_lib
+        libs = [] if libs is None else ([libs] if isinstance(libs, str) else list(libs))
+        if ENGINE_LIB not in libs:
+            libs.append(ENGINE_LIB)
+        model.external_lib = libs[0] if len(libs) == 1 else libs
+
+    reward = cfg.reward
+    with open_dict(reward):
+        if not reward.custom_reward_function.path:
+            reward.custom_reward_function.path = REWARD_PATH
+            reward.custom_reward_function.name = "compute_score"
+        reward.reward_kwargs.overlong_buffer_cfg = cfg.perl.overlong_buffer
+        reward.reward_kwargs.max_resp_len = "${data.max_response_length}"
+
+    fg = cfg.algorithm.filter_groups
+    sampler = cfg.trainer.v1.sampler
+    if fg.enable and cfg.trainer.v1.trainer_mode == "sync" and not sampler.custom_sampler.path:
+        # verl's V1 ReplayBuffer does DAPO's filtering and refill; PeRL's subclass adds the cap
+        # (max_num_gen_batches) that the built-in buffer ignores.
+        with open_dict(sampler):
+            sampler.custom_sampler.path = SAMPLER_PATH
+            sampler.custom_sampler.name = SAMPLER_NAME
+            sampler.sampler_kwargs = {
+                "filter_groups_metric": "${algorithm.filter_groups.metric}",
+                "max_num_gen_batches": "${algorithm.filter_groups.max_num_gen_batches}",
+                "max_inflight_gen_batches": "${algorithm.filter_groups.max_inflight_gen_batches}",
+                "train_batch_size": "${data.train_batch_size}",
+                "sync_refill_failed_groups": "${trainer.v1.sampler.sync_refill_failed_groups}",
+            }
+
+
+# ------------------------------------------------------------------------------------------------
+# checks
+# ------------------------------------------------------------------------------------------------
+
+
+def _is_remote(path: str) -> bool:
+    return "://" in str(path)
+
+
+def model_dir(cfg: DictConfig) -> str:
+    path = os.path.expanduser(str(cfg.actor_rollout_ref.model.path))
+    if _is_remote(path):
+        return path
+    if not os.path.isdir(path):
+        raise ConfigError(f"actor_rollout_ref.model.path: {path} is not a directory (a local HF model directory "
+                          "with config.json, or an hdfs:// path)")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise ConfigError(f"actor_rollout_ref.model.path: {path} has no config.json (not a HF model directory)")
+    return path
+
+
+def check_data(cfg: DictConfig) -> None:
+    for key in ("train_files", "val_files"):
+        files = cfg.data[key]
+        files = list(files) if isinstance(files, (list, ListConfig)) else [files]
+        if not files or files == [None]:
+            raise ConfigError(f"data.{key} is not set (parquet files in verl's RL format, see `perl prepare`)")
+        for f in files:
+            path = os.path.expanduser(str(f))
+            if not _is_remote(path) and not os.path.exists(path):
+                raise ConfigError(f"data.{key}: {path} does not exist (prepare it with `perl prepare`)")
+
+
+def check_batches(cfg: DictConfig) -> None:
+    """The divisibility verl needs, with field names (verl itself asserts deep inside its workers)."""
+    actor = cfg.actor_rollout_ref.actor
+    rollout = cfg.actor_rollout_ref.rollout
+    n_gpus = int(cfg.trainer.n_gpus_per_node) * int(cfg.trainer.nnodes)
+    train, n, mini = int(cfg.data.train_batch_size), int(rollout.n), int(actor.ppo_mini_batch_size)
+    for name, value in (("data.train_batch_size", train), ("actor_rollout_ref.rollout.n", n),
+                        ("actor_rollout_ref.actor.ppo_mini_batch_size", mini), ("trainer.n_gpus_per_node x nnodes", n_gpus)):
+        if value < 1:
+            raise ConfigError(f"{name} must be >= 1, got {value}")
+    if train % mini:
+        raise ConfigError(f"data.train_batch_size ({train}) must be a multiple of actor_rollout_ref.actor."
+                          f"ppo_mini_batch_size ({mini})")
+    if (train * n) % n_gpus:
+        raise ConfigError(f"data.train_batch_size x rollout.n ({train} x {n}) must divide over the {n_gpus} GPUs "
+                          "(trainer.n_gpus_per_node x trainer.nnodes)")
+    if (mini * n) % n_gpus:
+        raise ConfigError(f"actor_rollout_ref.actor.ppo_mini_batch_size x rollout.n ({mini} x {n}) must divide over "
+                          f"the {n_gpus} GPUs")
+    if not actor.use_dynamic_bsz:
+        checks = [
+            ("actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu", actor.ppo_micro_batch_size_per_gpu, mini * n // n_gpus,
+             "ppo_mini_batch_size x rollout.n / GPUs"),
+            ("actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu", rollout.log_prob_micro_batch_size_per_gpu,
+             train * n // n_gpus, "train_batch_size x rollout.n / GPUs"),
+        ]
+        if cfg.actor_rollout_ref.actor.use_kl_loss or cfg.algorithm.use_kl_in_reward:
+            checks.append(("actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu",
+                           cfg.actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu, train * n // n_gpus,
+                           "train_batch_size x rollout.n / GPUs"))
+        for name, micro, per_gpu, what in checks:
+            if micro is None or int(micro) < 1:
+                raise ConfigError(f"{name} must be set to an integer >= 1 (or enable use_dynamic_bsz)")
+            if per_gpu % int(micro):
+                raise ConfigError(f"{name} ({micro}) must divide {what} ({per_gpu})")
+
+
+def vllm_available() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def check_rollout(cfg: DictConfig, *, require_vllm: bool = True) -> None:
+    name = cfg.actor_rollout_ref.rollout.name
+    if name not in ("vllm", "sglang", "trtllm"):
+        raise ConfigError(f"actor_rollout_ref.rollout.name: {name!r} is not one of vllm, sglang, trtllm")
+    spec = cfg.actor_rollout_ref.model.lora.perl
+    if (spec.adapter_sync == "adapter" and spec.spec.name in ("pissa", "milora")
+            and "dummy" not in str(cfg.actor_rollout_ref.rollout.load_format)):
+        raise ConfigError(f"actor_rollout_ref.rollout.load_format={cfg.actor_rollout_ref.rollout.load_format}: "
+                          f"{spec.spec.name} with adapter_sync=adapter needs a dummy load format, so that verl sends "
+                          "the trainer's residual base (W - B0 A0) before the first adapter")
+    backend = cfg.actor_rollout_ref.rollout.checkpoint_engine.backend
+    if spec.adapter_sync == "adapter" and backend != "naive":
+        raise ConfigError(f"actor_rollout_ref.rollout.checkpoint_engine.backend={backend}: adapter_sync=adapter needs "
+                          "the naive (colocated) backend, the only one verl sends LoRA adapters through; "
+                          "use peft.adapter_sync=merged")
+    if require_vllm and name == "vllm" and not vllm_available():
+        raise ConfigError("actor_rollout_ref.rollout.name=vllm but vLLM is not installed here "
+                          "(pip install 'perl-rlvr[gpu]' on a GPU node); --dry-run checks a config without it")
+
+
+def check_algorithm(cfg: DictConfig) -> None:
+    fg = cfg.algorithm.filter_groups
+    if fg.enable:
+        if not fg.metric:
+            raise ConfigError("algorithm.filter_groups.metric must be set when dynamic sampling is on (PeRL's reward "
+                              "reports acc)")
+        rm = cfg.reward.reward_model
+        if rm.enable and not rm.enable_resource_pool:
+            raise ConfigError("algorithm.filter_groups needs rewards at sampling time: with reward.reward_model.enable "
+                              "set reward.reward_model.enable_resource_pool=true")
+        if int(fg.max_num_gen_batches) < 0:
+            raise ConfigError(f"algorithm.filter_groups.max_num_gen_batches must be >= 0 (0: no cap), "
+                              f"got {fg.max_num_gen_batches}")
+
+
+def adapted_summary(cfg: DictConfig, model_path: str | None = None) -> dict[str, Any]:
+    """Adapt a shapes-only (meta) copy of the model with the run's method: proves the method fits the
+    model (targets exist and are of the right kind) and gives the trainable-parameter summary."""
+    from perl.methods import adapt
+    from perl.models import build_model
+
+    spec = peft_spec(cfg)
+    path = model_path if model_path is not None else model_dir(cfg)
+    if _is_remote(path):
+        raise ConfigError(f"actor_rollout_ref.model.path: {path} is remote; the adapter summary needs its config.json")
+    block = cfg.actor_rollout_ref.model.lora.perl
+    total = block.total_steps
+    if spec.name == "adalora" and not total:
+        raise ConfigError("peft.name=adalora schedules its rank budget over the run: set trainer.total_training_steps")
+    try:
+        base = build_model(path, device="meta", seed=None)
+        policy = adapt(base, spec, total_steps=total)
+    except MethodSpecError as e:
+        raise ConfigError(f"peft: {e} (model {path})") from None
+    return policy.summary()
+
+
+def verl_validate(cfg: DictConfig) -> bool:
+    """verl's own `validate_config` (what `main_ppo` runs). Its vLLM LoRA-rank check imports vLLM; where
+    vLLM is absent that single check is skipped. Returns whether it was skipped."""
+    from verl.trainer.ppo.utils import need_critic, need_reference_policy
+    from verl.utils.config import validate_config
+
+    to_check = copy.deepcopy(cfg)
+    skipped = False
+    lora = to_check.actor_rollout_ref.model.lora
+    vllm_lora = (to_check.actor_rollout_ref.rollout.name == "vllm" and not lora.get("merge", False)
+                 and max(int(lora.get("rank", 0) or 0), int(to_check.actor_rollout_ref.model.lora_rank or 0)) > 0)
+    if vllm_lora and not vllm_available():
+        with open_dict(lora):
+            lora.merge = True  # exactly the condition validate_config uses to skip get_vllm_max_lora_rank
+        skipped = True
+    try:
+        validate_config(config=to_check, use_reference_policy=need_reference_policy(to_check),
+                        use_critic=need_critic(to_check))
+    except (AssertionError, ValueError, TypeError) as e:
+        raise ConfigError(f"verl validate_config: {e}") from None
+    return skipped
+
+
+def check(cfg: DictConfig, *, paths: bool = True, require_vllm: bool = True) -> dict[str, Any]:
+    """Every check that can run before Ray starts. Returns the adapted model's summary."""
+    check_algorithm(cfg)
+    check_batches(cfg)
+    if paths:
+        check_data(cfg)
+    summary = adapted_summary(cfg)
+    check_rollout(cfg, require_vllm=require_vllm)
+    verl_validate(cfg)
+    return summary
+
+
+def resolved(cfg: DictConfig) -> DictConfig:
+    out = copy.deepcopy(cfg)
+    OmegaConf.resolve(out)
+    return out

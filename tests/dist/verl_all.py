@@ -1,0 +1,31 @@
+"""Run under `torchrun --nproc_per_node=2`: the engine checks, then the checkpoint checks, in one
+launch (verl's import costs ~10 s per process on a 2-core box)."""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+import verl_checkpoint  # noqa: E402
+import verl_engine  # noqa: E402
+from verl_common import done, init, model_dirs  # noqa: E402
+
+
+def main() -> None:
+    rank = init()
+    dirs = model_dirs()
+    for arch, method in verl_engine.RUNS:
+        verl_engine.check(arch, method, dirs[arch])
+        if rank == 0:
+            print(f"ok engine {arch}/{method}", flush=True)
+    if rank == 0:
+        print(f"VERL_ENGINE_OK {len(verl_engine.RUNS)}", flush=True)
+    root = os.path.join(os.environ["PERL_VERL_TMP"], "ckpt")
+    for method in verl_checkpoint.METHODS:
+        verl_checkpoint.check(method, dirs["tiny-qwen2"], root)
+        if rank == 0:
+            print(f"ok checkpoint {method}", flush=True)
+    done(f"VERL_CHECKPOINT_OK {len(verl_checkpoint.METHODS)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""Run under `torchrun --nproc_per_node=2` (gloo, CPU): PeRL's verl engine for every method.
+
+For each method the actor engine is built from the composed PeRL config exactly as verl's worker
+builds it (EngineRegistry -> PerlFSDPEngine.initialize: HF load, PeRL adapt, FSDP2 wrap + rank-0
+broadcast, optimizer from the method's groups), takes one DAPO step with verl's own ppo_loss, and then:
+- the optimizer holds exactly the method's trainable parameters (LoRA+: lr ratio, LoRA-FA: B only);
+- the step changed trainable tensors and nothing frozen (LoRA-FA's A included);
+- AdaLoRA: the regulariser verl's update added equals PeRL's unsharded one, and the rank allocation
+  ran inside the update (lora_E pruned to the scheduled budget, rank pattern recorded);
+- the engine's rollout sync (`get_per_tensor_param`) equals PeRL's unsharded merged export of the same
+  weights, bit for bit; for the LoRA family the adapter-only sync equals PeRL's `lora_adapter`;
+- the reference policy (adapter disabled, as verl's ref-in-actor path calls it) gives the base
+  model's log-probs, and re-enabling restores the policy's.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+from verl_common import (  # noqa: E402
+    VOCAB, base_log_probs, base_model, done, full_state, init, max_diff, model_dirs, unsharded_policy,
+)
+
+import torch  # noqa: E402
+
+from perl.methods import METHODS, adapt  # noqa: E402
+from perl.sync import base_weights, merged_state_dict  # noqa: E402
+from perl.sync.lora import ADAPTER_SYNC_METHODS, lora_adapter  # noqa: E402
+from perl.verl_glue.engine import PerlFSDPEngine  # noqa: E402
+from perl.verl_glue.smoke import build_actor_engine, cfg_for, response_log_probs, synthetic_batch, train_step  # noqa: E402
+
+RUNS = [("tiny-qwen2", m) for m in METHODS] + [("tiny-llama", "lora")]  # llama: tied embeddings, no meta init
+EXTRA = {"adalora": ["peft.options.tinit=0", "peft.options.tfinal=2"]}  # prune at the first step
+
+
+def check(arch: str, method: str, path: str) -> None:
+    from torch.distributed.fsdp import FSDPModule
+
+    where = f"{arch}/{method}"
+    cfg = cfg_for(path, method, EXTRA.get(method))
+    eng, loss_fn = build_actor_engine(cfg)
+    assert type(eng) is PerlFSDPEngine and isinstance(eng.module, FSDPModule), where
+    assert eng.policy.name == method and eng.policy.model is eng.module, where
+
+    # --- optimizer = the method's parameter groups --------------------------------------------
+    trainable = {id(p) for _, p in eng.policy.trainable_parameters()}
+    in_opt = [p for g in eng.optimizer.param_groups for p in g["params"]]
+    assert {id(p) for p in in_opt} == trainable and len(in_opt) == len(trainable), where
+    fresh = adapt(base_model(path), eng.spec, total_steps=eng.policy.total_steps)
+    assert eng.policy.num_trainable() == fresh.num_trainable(), where
+    lr = float(cfg.actor_rollout_ref.actor.optim.lr)
+    groups = {g["name"]: g for g in eng.optimizer.param_groups}
+    if method == "lora_plus":
+        assert groups["lora_A"]["lr"] == lr and groups["lora_B"]["lr"] == lr * 16.0, where
+    if method == "lora_fa":
+        names = {n for n, p in eng.module.named_parameters() if id(p) in {id(q) for q in in_opt}}
+        assert names and all(".lora_B." in n for n in names), where
+
+    # --- one DAPO step through verl's update -----------------------------------------------------
+    rows = synthetic_batch(4, vocab=VOCAB, seed=3)
+    before = full_state(eng)
+    reg_before = unsharded_policy(eng, path).extra_loss() if method == "adalora" else None
+    out = train_step(eng, loss_fn, cfg, rows)
+    after = full_state(eng)
+    assert eng.policy.optimizer_steps == 1, where
+    train_names = {n for n, p in unsharded_policy(eng, path).model.named_parameters() if p.requires_grad}
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and changed <= train_names, (where, sorted(changed - train_names)[:3])
+    if method == "lora_fa":
+        assert not any(".lora_A." in k for k in changed), where
+    if method == "adalora":
+        (value,) = out["metrics"]["actor/perl_extra_loss"]  # a per-micro-batch list, like verl's own metrics
+        assert abs(value - float(reg_before)) < 1e-5, (where, value, float(reg_before))
+        alloc = eng.policy.model.base_model.rankallocator
+        budget, mask = alloc.budget_schedule(1)
+        alive = sum(int((v != 0).sum()) for k, v in after.items() if ".lora_E." in k)
+        assert mask and budget < alloc.init_bgt and alive == budget, (where, alive, budget, alloc.init_bgt)
+        assert eng.policy.model.peft_config["default"].rank_pattern, where
+
+    # --- rollout sync == PeRL's unsharded export -----------------------------------------------
+    reference = unsharded_policy(eng, path)
+    pairs, peft_config = eng.get_per_tensor_param()
+    got = {k: v.clone() for k, v in pairs}
+    want = merged_state_dict(reference, dtype=torch.bfloat16)
+    assert peft_config is None and list(got) == list(want), (where, list(got)[:3], list(want)[:3])
+    bad = [k for k in want if not torch.equal(got[k], want[k])]
+    assert not bad, (where, bad[:3])
+    plain = {k: v.to(torch.bfloat16) for k, v in base_model(path).state_dict().items()}
+    assert any(not torch.equal(got[k], plain[k]) for k in got if k in plain), (where, "sync shows no training")
+    if method in ADAPTER_SYNC_METHODS:
+        eng.adapter_sync = "adapter"
+        tensors, config = eng.get_per_tensor_param(base_sync_done=True)
+        tensors = dict(tensors)
+        want_config, want_tensors = lora_adapter(reference, dtype=torch.bfloat16)
+        assert config["r"] == want_config["r"] and str(config["peft_type"].value) == want_config["peft_type"], where
+        assert list(tensors) == list(want_tensors), where
+        assert all(torch.equal(tensors[k], want_tensors[k]) for k in tensors), where
+        base_pairs, config = eng.get_per_tensor_param(base_sync_done=False)
+        got_base, want_base = dict(base_pairs), dict(base_weights(reference, torch.bfloat16))
+        assert config is not None and list(got_base) == list(want_base), where
+        assert all(torch.equal(got_base[k], want_base[k]) for k in want_base), where
+        eng.adapter_sync = "merged"
+
+    # --- reference policy: adapter disabled == base model ------------------------------------------
+    if method != "full":
+        policy_lp = response_log_probs(eng, cfg, rows)
+        ref_lp = response_log_probs(eng, cfg, rows, no_adapter=True)
+        base_lp = base_log_probs(path, rows)
+        err, moved = max_diff(ref_lp, base_lp), max_diff(policy_lp, base_lp)
+        assert err < 2e-5 and moved > 10 * err, (where, err, moved)
+        assert max_diff(response_log_probs(eng, cfg, rows), policy_lp) == 0.0, (where, "adapter not restored")
+
+
+def main() -> None:
+    rank = init()
+    dirs = model_dirs()
+    for arch, method in RUNS:
+        check(arch, method, dirs[arch])
+        if rank == 0:
+            print(f"ok {arch}/{method}", flush=True)
+    done(f"VERL_ENGINE_OK {len(RUNS)}")
+
+
+if __name__ == "__main__":
+    main()

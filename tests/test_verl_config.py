@@ -1,0 +1,210 @@
+"""The verl entry point's configuration: verl's hydra ppo_trainer + the PeRL peft: block + DAPO.
+
+Every method's composed config passes verl's own `validate_config` (vLLM's LoRA-rank check, which
+imports vLLM, is skipped where vLLM is absent and only in adapter-sync mode); the resolved config
+holds the paper's DAPO settings; GRPO / Dr. GRPO presets; errors name the field before anything
+starts; `--dry-run` prints the config and the adapted model's summary without Ray or vLLM.
+"""
+
+import json
+import os
+import sys
+
+import pytest
+from omegaconf import OmegaConf
+
+from perl.methods import METHODS
+from perl.sync.lora import ADAPTER_SYNC_METHODS
+from perl.verl_glue import config as vc
+from perl.verl_glue.entry import main
+
+HERE = os.path.dirname(__file__)
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory):
+    sys.path.insert(0, os.path.join(HERE, "dist"))
+    from verl_common import save_tiny_model
+
+    root = tmp_path_factory.mktemp("verl-config")
+    model = save_tiny_model("tiny-qwen2", str(root / "tiny-qwen2"))
+    for name in ("train", "val"):
+        (root / f"{name}.parquet").write_bytes(b"")  # existence is what the entry point checks
+    return {"model": model, "train": str(root / "train.parquet"), "val": str(root / "val.parquet")}
+
+
+def ready(paths, *extra):
+    return [f"actor_rollout_ref.model.path={paths['model']}", f"data.train_files={paths['train']}",
+            f"data.val_files={paths['val']}", *extra]
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_method_composes_and_passes_verl_validation(paths, method):
+    cfg = vc.compose({"peft": {"name": method}}, ready(paths))
+    summary = vc.check(cfg, require_vllm=False)  # verl's validate_config, batch/path checks, method fits model
+    assert summary["method"] == method and summary["trainable"] > 0
+    model = cfg.actor_rollout_ref.model
+    assert model.lora_rank == (0 if method == "full" else 32)  # verl's ref-in-actor switch
+    assert model.lora.merge is True and model.lora.perl.spec.name == method
+    assert model.external_lib == "perl.verl_glue.engine"
+    assert vc.verl_validate(cfg) is False  # merged sync: nothing of verl's validation skipped
+    if method in ADAPTER_SYNC_METHODS:
+        cfg = vc.compose({"peft": {"name": method, "adapter_sync": "adapter"}}, ready(paths))
+        assert cfg.actor_rollout_ref.model.lora.merge is False
+        vc.check(cfg, require_vllm=False)
+        assert vc.verl_validate(cfg) is (not vc.vllm_available())  # only the vLLM LoRA-rank import
+
+
+def test_resolved_config_holds_the_paper_dapo_settings(paths):
+    r = vc.resolved(vc.compose({"peft": {"name": "dora"}}, ready(paths)))
+    actor, rollout, algo = r.actor_rollout_ref.actor, r.actor_rollout_ref.rollout, r.algorithm
+    assert (actor.clip_ratio_low, actor.clip_ratio_high) == (0.2, 0.28)
+    assert actor.loss_agg_mode == "token-mean"
+    assert algo.filter_groups.enable is True and algo.filter_groups.metric == "acc"
+    assert algo.filter_groups.max_num_gen_batches == 10  # the cap PeRL's sampler enforces
+    sampler = r.trainer.v1.sampler
+    assert sampler.custom_sampler.path == "pkg://perl.verl_glue.sampler"
+    assert sampler.sampler_kwargs.filter_groups_metric == "acc" and sampler.sampler_kwargs.train_batch_size == 128
+    assert actor.use_kl_loss is False and algo.use_kl_in_reward is False  # no KL
+    assert algo.adv_estimator == "grpo" and algo.norm_adv_by_std_in_grpo is True
+    assert rollout.n == 8 and rollout.name == "vllm"  # G = 8, vLLM rollout
+    assert actor.optim.lr == 1e-5 and actor.optim.lr_scheduler_type == "constant"
+    assert actor.optim.lr_warmup_steps == 0 and actor.optim.lr_warmup_steps_ratio == 0.0
+    assert r.data.max_prompt_length == 512 and r.data.max_response_length == 16384
+    assert rollout.prompt_length == 512 and rollout.response_length == 16384
+    assert r.data.train_batch_size == 128 and actor.ppo_micro_batch_size_per_gpu == 4
+    assert r.trainer.total_training_steps == 1024
+    assert actor.strategy == "fsdp2" and r.actor_rollout_ref.ref.strategy == "fsdp2"
+    assert r.peft.rank == 32 and r.peft.alpha == 64 and r.peft.dropout == 0.05 and r.peft.target_modules is None
+    assert r.reward.custom_reward_function.path == "pkg://perl.reward.verl_reward"
+    assert r.reward.reward_manager.name == "dapo"
+    assert r.reward.reward_kwargs.overlong_buffer_cfg.enable is False  # optional shaping, off by default
+    assert r.reward.reward_kwargs.max_resp_len == 16384
+    assert r.actor_rollout_ref.model.lora.perl.total_steps == 1024  # AdaLoRA's schedule: optimizer steps
+    # overlong shaping is one switch away, with the DAPO reward manager's keys
+    r = vc.resolved(vc.compose({}, ready(paths, "perl.overlong_buffer.enable=true", "perl.overlong_buffer.len=1024")))
+    assert r.reward.reward_kwargs.overlong_buffer_cfg.enable is True
+    assert r.reward.reward_kwargs.overlong_buffer_cfg.len == 1024
+
+
+def test_grpo_and_drgrpo_presets(paths):
+    g = vc.resolved(vc.compose({"perl": {"algorithm": "grpo"}}, ready(paths)))
+    assert g.actor_rollout_ref.actor.clip_ratio_high == 0.2
+    assert g.actor_rollout_ref.actor.loss_agg_mode == "seq-mean-token-mean"
+    assert g.algorithm.filter_groups.enable is False and not g.trainer.v1.sampler.custom_sampler.path
+    d = vc.resolved(vc.compose({}, ready(paths, "perl.algorithm=drgrpo")))
+    assert d.actor_rollout_ref.actor.loss_agg_mode == "seq-mean-token-sum-norm"
+    assert d.actor_rollout_ref.actor.loss_scale_factor == 16384  # constant normaliser
+    assert d.algorithm.norm_adv_by_std_in_grpo is False and d.algorithm.filter_groups.enable is False
+    for cfg in (g, d):
+        assert cfg.actor_rollout_ref.actor.use_kl_loss is False
+        vc.verl_validate(cfg)
+    # a recipe still wins over its preset
+    g2 = vc.compose({"perl": {"algorithm": "grpo"}, "actor_rollout_ref": {"actor": {"clip_ratio_high": 0.25}}})
+    assert g2.actor_rollout_ref.actor.clip_ratio_high == 0.25
+
+
+def test_full_fine_tuning_defaults_and_recipe_lr(paths):
+    cfg = vc.compose({"peft": {"name": "full"}}, ready(paths))
+    assert cfg.actor_rollout_ref.actor.optim.lr == 1e-6 and cfg.actor_rollout_ref.model.lora_rank == 0
+    cfg = vc.compose({"peft": {"name": "full"}}, ready(paths, "actor_rollout_ref.actor.optim.lr=3e-6"))
+    assert cfg.actor_rollout_ref.actor.optim.lr == 3e-6
+
+
+def test_recipe_file_and_token_efficient_loss(paths, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("peft:\n  name: lora_plus\n  options: {lr_ratio: 8}\nperl:\n  loss_mode: sgrpo\n"
+                      "  sgrpo: {alpha: 2, k: 4}\n")
+    r = vc.resolved(vc.compose(str(recipe), ready(paths)))
+    assert r.actor_rollout_ref.model.lora.perl.spec.options == {"lr_ratio": 8}
+    assert r.actor_rollout_ref.actor.policy_loss.loss_mode == "sgrpo"
+    assert r.ray_kwargs.ray_init.runtime_env.env_vars.PERL_SGRPO_K == 4
+
+
+ERRORS = [
+    # (overrides, the text the error must contain)
+    (["actor_rollout_ref.actor.clip_ratio_hgh=0.3"], "actor_rollout_ref.actor.clip_ratio_hgh"),
+    (["peft.name=lorax"], "valid methods: full, lora"),
+    (["perl.algorithm=ppo"], "perl.algorithm: 'ppo' is not one of dapo, grpo, drgrpo"),
+    (["peft.name=dora", "peft.adapter_sync=adapter"], "adapter_sync=merged, or a method among lora"),
+    (["peft.adapter_sync=lazy"], "peft.adapter_sync: 'lazy' is not one of merged, adapter"),
+    (["peft.name=dora", "peft.options.lr_ratio=4"], "belongs to lora_plus, not to dora"),
+    (["peft.ranks=8"], "peft: unknown key(s) ['ranks']"),
+    (["actor_rollout_ref.actor.strategy=fsdp"], "actor_rollout_ref.actor.strategy"),
+    (["actor_rollout_ref.model.lora_rank=8"], "actor_rollout_ref.model.lora_rank is derived from the peft: block"),
+    (["peft.rank=0"], "peft.rank must be an integer >= 1"),
+    (["peft.name=vera", "+actor_rollout_ref.actor.checkpoint.save_lora_only=true"], "resume would lose it"),
+    (["perl.loss_mode=ppo"], "perl.loss_mode: 'ppo' is not one of token, sgrpo, tspmo"),
+]
+
+
+@pytest.mark.parametrize("overrides,text", ERRORS)
+def test_config_errors_name_the_field(paths, overrides, text):
+    with pytest.raises(vc.ConfigError) as err:
+        vc.compose({}, ready(paths, *overrides))
+    assert text in str(err.value)
+
+
+CHECK_ERRORS = [
+    (["actor_rollout_ref.model.path=/nonexistent/model"], "actor_rollout_ref.model.path: /nonexistent/model"),
+    (["data.train_files=/nonexistent/train.parquet"], "data.train_files: /nonexistent/train.parquet does not exist"),
+    (["peft.name=vera", "peft.target_modules=[c_attn]"], "'c_attn' matches no module of Qwen2ForCausalLM"),
+    (["peft.name=ln_tuning", "peft.target_modules=[q_proj]"], "but ln_tuning adapts norm modules"),
+    (["data.train_batch_size=96"], "data.train_batch_size (96) must be a multiple of actor_rollout_ref.actor"),
+    (["actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=3"],
+     "ppo_micro_batch_size_per_gpu (3) must divide ppo_mini_batch_size x rollout.n / GPUs (128)"),
+    (["trainer.n_gpus_per_node=3"], "must divide over the 3 GPUs"),
+    (["peft.name=adalora", "trainer.total_training_steps=null"], "set trainer.total_training_steps"),
+    (["peft.name=pissa", "peft.adapter_sync=adapter", "actor_rollout_ref.rollout.load_format=auto"],
+     "needs a dummy load format"),
+    (["peft.adapter_sync=adapter", "actor_rollout_ref.rollout.checkpoint_engine.backend=nccl"], "needs the naive"),
+]
+
+
+@pytest.mark.parametrize("overrides,text", CHECK_ERRORS)
+def test_checks_fail_before_anything_starts(paths, overrides, text):
+    cfg = vc.compose({}, ready(paths, *overrides))
+    with pytest.raises(vc.ConfigError) as err:
+        vc.check(cfg, require_vllm=False)
+    assert text in str(err.value)
+
+
+@pytest.mark.skipif(vc.vllm_available(), reason="vLLM is installed here")
+def test_missing_vllm_is_an_error_for_a_run_but_not_for_a_dry_run(paths, capsys):
+    assert main(ready(paths)) == 2
+    assert "rollout.name=vllm but vLLM is not installed" in capsys.readouterr().err
+    assert main(ready(paths, "--dry-run")) == 0
+
+
+def test_dry_run_prints_config_and_adapter_summary_without_ray(paths, capsys):
+    assert main(ready(paths, "peft.name=dora", "--dry-run")) == 0
+    out = capsys.readouterr().out
+    printed = OmegaConf.create(out.split("# adapted model")[0])
+    assert printed.peft.name == "dora" and printed.actor_rollout_ref.actor.clip_ratio_high == 0.28
+    assert "method:     dora (Structural)" in out and "trainable:  66,560 of 107,072 parameters" in out
+    assert main(ready(paths, "peft.name=ia3", "--dry-run", "--format", "json")) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["adapter"]["method"] == "ia3" and report["adapter"]["target_modules"] == ["k_proj", "v_proj", "down_proj"]
+    ray = sys.modules.get("ray")
+    assert ray is None or not ray.is_initialized()
+    assert "vllm" not in sys.modules
+    # errors: exit code 2 and the field on stderr
+    assert main(ready(paths, "peft.name=vera", "peft.target_modules=[c_attn]", "--dry-run")) == 2
+    assert "peft.target_modules: 'c_attn' matches no module" in capsys.readouterr().err
+
+
+def test_perl_train_routes_verl_recipes_here(paths, tmp_path, capsys):
+    from perl.cli import main as perl_main
+
+    recipe = tmp_path / "dapo_dora.yaml"
+    recipe.write_text(f"peft:\n  name: dora\nactor_rollout_ref:\n  model:\n    path: {paths['model']}\n"
+                      f"data:\n  train_files: {paths['train']}\n  val_files: {paths['val']}\n")
+    assert perl_main(["train", "--config", str(recipe), "--dry-run", "peft.rank=8"]) == 0
+    out = capsys.readouterr().out
+    assert "method:     dora (Structural)" in out and OmegaConf.create(out.split("# adapted model")[0]).peft.rank == 8
+
+
+def test_adapter_summary_on_the_paper_model_shape(paths):
+    cfg = vc.compose({"peft": {"name": "dora"}}, ready(paths))
+    summary = vc.adapted_summary(cfg, model_path="deepseek-r1-distill-qwen-1.5b")  # meta device, no weights
+    assert summary["total"] > 1_700_000_000 and 0.5 < summary["percent"] < 3.0

@@ -1,0 +1,160 @@
+"""The verl 0.9.1 behaviour PeRL's glue relies on. These fail when the installed verl changes under it.
+
+PeRL patches nothing in verl (patches/ is empty): it subclasses the FSDP engine and registers through
+verl's hooks. What those hooks and the subclassed methods must keep doing is pinned here, so that a
+verl upgrade fails loudly in this file instead of silently training the wrong thing on a GPU node.
+"""
+
+import importlib.util
+import inspect
+import os
+
+import pytest
+
+import perl.verl_glue.engine  # noqa: F401  (registers PeRL's engine, and the CPU platform before verl resolves it)
+
+
+def _source(module: str) -> str:
+    """A verl module's source, read from the installed files (importing some needs vLLM/TransferQueue)."""
+    import verl
+
+    root = os.path.dirname(os.path.dirname(verl.__file__))
+    path = os.path.join(root, *module.split(".")) + ".py"
+    with open(path) as f:
+        return f.read()
+
+
+def test_verl_version_is_the_one_the_glue_was_written_for():
+    from importlib.metadata import version
+
+    assert version("verl") == "0.9.1"
+
+
+def test_engine_registry_looks_up_vendor_keys_first(monkeypatch):
+    from verl.workers.engine import EngineRegistry
+    from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
+
+    from perl.verl_glue.engine import ENGINE_KEYS, PerlFSDPEngine
+
+    for device, vendor in ENGINE_KEYS:
+        monkeypatch.setenv("VERL_ENGINE_DEVICE", device)
+        monkeypatch.setenv("VERL_ENGINE_VENDOR", vendor)
+        for backend in ("fsdp", "fsdp2"):
+            assert EngineRegistry.get_engine_cls("language_model", backend) is PerlFSDPEngine
+    # verl's own engine keeps its device-only slot (other vendors, value models)
+    assert EngineRegistry._engines["language_model"]["fsdp2"]["cuda"] is FSDPEngineWithLMHead
+    monkeypatch.setenv("VERL_ENGINE_DEVICE", "cuda")
+    monkeypatch.setenv("VERL_ENGINE_VENDOR", "metax")
+    assert EngineRegistry.get_engine_cls("value_model", "fsdp2") is not PerlFSDPEngine
+    # a new backend name is impossible: the engine config only accepts these strategies
+    src = _source("verl.workers.config.engine")
+    assert 'assert self.strategy in ["fsdp", "fsdp2", "fsdp_turbo"]' in src
+
+
+OVERRIDDEN = {  # method -> parameters verl calls it with
+    "_build_lora_module": ["self", "module"],
+    "_build_fsdp_module": ["self", "module"],
+    "_build_optimizer": ["self", "module"],
+    "forward_backward_batch": ["self", "data", "loss_function", "forward_only"],
+    "optimizer_step": ["self"],
+    "get_per_tensor_param": ["self", "layered_summon", "base_sync_done", "kwargs"],
+    "disable_adapter": ["self"],
+    "save_checkpoint": ["self", "local_path", "hdfs_path", "global_step", "max_ckpt_to_keep", "kwargs"],
+    "load_checkpoint": ["self", "local_path", "hdfs_path", "del_local_after_load", "kwargs"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(OVERRIDDEN))
+def test_overridden_engine_methods_keep_their_signatures(name):
+    from verl.workers.engine.fsdp.transformer_impl import FSDPEngine
+
+    assert list(inspect.signature(getattr(FSDPEngine, name)).parameters) == OVERRIDDEN[name]
+
+
+def test_engine_build_order_and_adapter_gate():
+    from verl.workers.engine.fsdp.transformer_impl import FSDPEngine
+
+    build = inspect.getsource(FSDPEngine._build_model_optimizer)
+    order = ["self._build_module()", "if self._is_lora:", "self._build_lora_module(module)",
+             "self._build_fsdp_module(module)", "self._build_optimizer(module)", "self._build_lr_scheduler(optimizer)"]
+    positions = [build.index(s) for s in order]
+    assert positions == sorted(positions)
+    init = inspect.getsource(FSDPEngine.__init__)
+    assert "self._is_lora = self.model_config.lora_rank > 0" in init
+    # train_batch: zero_grad -> forward_backward_batch -> optimizer_step (AdaLoRA's hook point)
+    from verl.workers.engine.base import BaseEngine
+
+    train = inspect.getsource(BaseEngine.train_batch)
+    assert train.index("optimizer_zero_grad()") < train.index("forward_backward_batch(") < train.index("optimizer_step()")
+
+
+def test_reference_policy_is_the_actor_with_the_adapter_disabled():
+    trainer = _source("verl.trainer.ppo.v1.trainer_base")
+    assert "self.ref_in_actor = lora_rank > 0" in trainer
+    assert 'metadata["no_lora_adapter"] = True' in trainer
+    workers = _source("verl.workers.engine_workers")
+    assert 'no_lora_adapter = tu.pop(data, key="no_lora_adapter", default=False)' in workers
+    assert "self.engine.disable_adapter() if no_lora_adapter else nullcontext()" in workers
+
+
+def test_weight_sync_contract():
+    workers = _source("verl.workers.engine_workers")
+    assert 'self.peft_merge: bool = model_config.lora.get("merge", False)' in workers
+    assert "self.actor.engine.get_per_tensor_param(\n            layered_summon=self.layered_summon, base_sync_done=True" in workers
+    assert 'self.base_sync_done: bool = "dummy" not in self.config.rollout.load_format' in workers
+    server = _source("verl.workers.rollout.vllm_rollout.vllm_async_server")  # read, not imported (needs vLLM)
+    assert 'if self.model_config.lora.get("merge", False):\n            lora_rank = 0' in server
+    assert 'lora_rank = self.model_config.lora.get("rank", 0)' in server
+
+
+def test_worker_imports_external_lib_before_building_the_engine():
+    model = _source("verl.workers.config.model")
+    assert "import_external_libs(self.external_lib)" in model
+    workers = _source("verl.workers.engine_workers")
+    assert workers.index("model_config: HFModelConfig = omega_conf_to_dataclass(self.config.model)") < \
+        workers.index("self.actor = self.actor_worker_cls(config=actor_training_config)")
+
+
+def test_custom_sampler_and_dynamic_sampling_hooks():
+    trainer = _source("verl.trainer.ppo.v1.trainer_base")
+    assert "sampler_cls = load_extern_type(custom_sampler.path, custom_sampler.name)" in trainer
+    for kw in ("trainer_mode=", "trainer_config=", "max_off_policy_threshold=", "max_off_policy_strategy=",
+               "sampler_kwargs=", "refill_fn=self._add_prompts_to_generate"):
+        assert kw in trainer
+    assert "requires_exact_refill = self.trainer_mode != \"sync\" or dapo_enabled" in trainer
+    from verl.trainer.config import FilterGroupsConfig  # noqa: F401  (algorithm.filter_groups schema)
+
+    src = _source("verl.trainer.ppo.v1.replay_buffer")
+    sig = src[src.index("class ReplayBuffer:"):src.index("def _validate_mode_config")]
+    for name in ("filter_groups_metric", "train_batch_size", "gen_batch_size", "max_inflight_gen_batches",
+                 "sync_refill_failed_groups", "poll_interval", "refill_fn"):
+        assert f"        {name}" in sig
+
+
+def test_reward_hooks():
+    loader = _source("verl.trainer.ppo.reward")
+    assert "load_extern_object(module_path=module_path, object_name=fn_name)" in loader
+    assert 'PKG_PATH_PREFIX' in _source("verl.utils.import_utils")
+    dapo = _source("verl.experimental.reward_loop.reward_manager.dapo")
+    assert 'config.reward.get("reward_kwargs", {}).get("overlong_buffer_cfg", None)' in dapo
+    assert 'reward_extra_info["acc"] = score' in dapo or "reward_extra_info[key] = value" in dapo
+
+
+def test_validate_config_skips_the_vllm_rank_check_only_for_merged_lora():
+    src = _source("verl.utils.config")
+    assert 'if lora_config.get("merge", False):\n        lora_rank = 0' in src
+    assert "get_vllm_max_lora_rank(lora_rank)" in src
+
+
+def test_cpu_platform_plugin_hook():
+    src = _source("verl.plugin.platform.platform_manager")
+    assert 'os.environ.get("VERL_PLATFORM", "")' in src
+    assert os.path.exists(importlib.util.find_spec("perl.verl_glue.cpu_platform").origin)
+
+
+def test_entry_point_hands_over_to_verls_own_runner():
+    main_ppo = _source("verl.trainer.main_ppo")
+    assert "def run_ppo(config, task_runner_class) -> None:" in main_ppo
+    assert "class TaskRunnerV1:" in main_ppo and "trainer_cls = get_trainer_cls(config.trainer.v1.trainer_mode)" in main_ppo
+    assert 'hydra.main(config_path="config", config_name="ppo_trainer"' in main_ppo
+    assert "validate_config(" in main_ppo and "auto_set_device(config)" in main_ppo
