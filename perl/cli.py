@@ -164,6 +164,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from perl.engine import SamplingConfig
     from perl.engine.tokenizer import load_tokenizer
     from perl.eval import EvalConfig, evaluate
+    from perl.eval.backends import VLLMBackend, choose_backend
     from perl.methods import load_adapted
 
     benchmarks = {}
@@ -181,19 +182,33 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
     k = dict((kv.split("=")[0], int(kv.split("=")[1])) for kv in args.k_per or [])
     config = EvalConfig(k=k, default_k=args.k, seed=args.seed, batch_size=args.batch_size, sampling=sampling)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
+    backend_name = choose_backend(args.backend, cuda=_cuda())
     run_info = {"model": os.path.abspath(args.model), "label": args.label or "Base", "method": None,
                 "trainable_percent": None}
     if args.adapter:
-        policy = load_adapted(model, args.adapter)
-        model = policy.model
         with open(os.path.join(args.adapter, "perl_method.json")) as f:
             saved = json.load(f)  # the share of parameters that trained (a loaded adapter is frozen)
-        run_info.update(adapter=os.path.abspath(args.adapter), method=policy.name, label=args.label or policy.name,
-                        trainable_percent=saved.get("trainable_percent"))
-    model.to(args.device)
+        run_info.update(adapter=os.path.abspath(args.adapter), method=saved["method"],
+                        label=args.label or saved["method"], trainable_percent=saved.get("trainable_percent"))
     tokenizer = load_tokenizer(args.tokenizer or args.model)
+    if backend_name == "vllm":
+        model_dir = args.model
+        if args.adapter:  # vLLM serves merged checkpoints: merge once, next to the results
+            from perl.sync.export import export_merged
+
+            model_dir = os.path.join(args.out, "merged_model")
+            if not os.path.exists(os.path.join(model_dir, "config.json")):
+                base = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+                export_merged(load_adapted(base, args.adapter), model_dir, dtype="bf16",
+                              tokenizer_dir=args.tokenizer or args.model)
+        model = VLLMBackend(model_dir, tokenizer_dir=args.tokenizer or args.model,
+                            max_model_len=args.max_new_tokens + 2048)
+    else:
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
+        if args.adapter:
+            model = load_adapted(model, args.adapter).model
+        model.to(args.device)
     results = evaluate(model, tokenizer, benchmarks, args.out, config, run_info=run_info)
     for name, m in results["benchmarks"].items():
         print(f"{name}: Avg@{m['k']} {100 * m['avg']:.1f}  Pass@{m['k']} {100 * m['pass']:.1f}  ({int(m['problems'])} problems)")
@@ -211,41 +226,43 @@ def _cmd_table(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    import copy
-
-    import torch
     from omegaconf import OmegaConf
-
-    from perl.data import arithmetic_rows, to_verl_rows
-    from perl.local import TOY_TEMPLATE, RLConfig, ToyConfig, cold_start, run
-    from perl.methods import adapt
 
     if not os.path.exists(args.config):
         print(f"error: --config: {args.config} does not exist", file=sys.stderr)
         return 2
     cfg = OmegaConf.merge(OmegaConf.load(args.config), OmegaConf.from_dotlist(args.overrides))
-    if "toy" not in cfg:
-        print("error: only the toy task runs in the single-machine engine so far (config needs a `toy:` block)",
-              file=sys.stderr)
-        return 2
+    if "toy" not in cfg and "model" not in cfg:  # a verl recipe: the distributed entry point
+        from perl.verl_glue.entry import main as verl_main
+
+        return verl_main(["--config", args.config, *(["--dry-run"] if args.dry_run else []), *args.overrides])
+    from perl.local.recipe import train
+
     resolved = OmegaConf.to_container(cfg, resolve=True)
     print(OmegaConf.to_yaml(cfg, resolve=True))
-    toy = ToyConfig(**{**resolved["toy"], "ops": tuple(resolved["toy"].get("ops", ("add",)))})
-    rl = RLConfig(**resolved["rl"], seed=resolved.get("seed", 0))
-    torch.manual_seed(resolved.get("seed", 0))
-    model, tok, path = cold_start(toy)
-    data = resolved["data"]
-    train = to_verl_rows(arithmetic_rows(data["train_size"], toy.digits, toy.ops, seed=1), "arith", "train", TOY_TEMPLATE)
-    held = to_verl_rows(arithmetic_rows(data["eval_size"], toy.digits, toy.ops, seed=10_001), "arith", "test", TOY_TEMPLATE)
-    rollout = copy.deepcopy(model)
-    policy = adapt(model, resolved["method"], total_steps=rl.steps * rl.mini_batches)  # optimizer steps
-    s = policy.summary()
-    print(f"{s['method']}: {s['trainable']:,} trainable parameters ({s['percent']:.3f}% of {s['total']:,}); cold start {path}")
-    summary = run(policy, rollout, tok, train.rows, held.rows, rl, resolved["out_dir"], eval_k=data["eval_k"],
-                  save_every=resolved.get("save_every", 10))
-    print(f"held-out Avg@{data['eval_k']} ({data['eval_size']} problems): {summary['eval_before']:.3f} -> "
-          f"{summary['eval_after']:.3f} ({summary['gain']:+.3f}); adapter, metrics.jsonl, reward_curve.png and "
-          f"summary.json in {resolved['out_dir']}")
+    if args.dry_run:
+        return 0
+    summary = train(resolved)
+    k, n = summary["eval_k"], summary["eval_problems"]
+    print(f"held-out Avg@{k} ({n} problems): {summary['eval_before']:.3f} -> {summary['eval_after']:.3f} "
+          f"({summary['gain']:+.3f}); adapter, metrics.jsonl, reward_curve.png, results.json and summary.json "
+          f"in {resolved['out_dir']}")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from perl.local.bench_toy import bench_toy
+    from perl.methods import METHODS
+
+    if not os.path.exists(args.config):
+        print(f"error: --config: {args.config} does not exist", file=sys.stderr)
+        return 2
+    report = bench_toy(args.config, args.methods or list(METHODS), args.out, args.overrides)
+    print(open(report["tables"]["markdown"]).read())
+    for row in report["runs"]:
+        print(f"{row['method']:>10}: {row['before']:.3f} -> {row['after']:.3f} ({row['gain']:+.3f}), "
+              f"{row['trainable_percent']:.3g}% trainable, lr {row['lr']:g}")
+    print("wrote " + ", ".join(report["tables"].values()))
     return 0
 
 
@@ -262,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA)
     p.add_argument("--targets", nargs="+", default=None,
                    help="linear target modules for the weight-update methods (default: all 7 projections)")
-    p.add_argument("--methods", nargs="+", default=None, help="subset of methods (default: all 13)")
+    p.add_argument("--methods", nargs="+", default=None, help="METHOD or METHOD@LOSS, e.g. lora@sgrpo (default: all 13 methods)")
     p.add_argument("--format", choices=("table", "json"), default="table")
     p.add_argument("--output", default=None, help="also write the JSON report to this file")
     p.set_defaults(func=_cmd_methods)
@@ -315,7 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--max-new-tokens", type=int, default=32768)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="hf backend weights (vLLM: bf16)")
+    p.add_argument("--backend", default="auto", help="auto (vLLM when installed and a GPU is present) | hf | vllm")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--label", default=None, help="row name in `perl table` (default: the method, or Base)")
     p.set_defaults(func=_cmd_eval)
@@ -325,10 +343,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="tables")
     p.set_defaults(func=_cmd_table)
 
-    p = sub.add_parser("train", help="RL with a PEFT method in the single-machine engine (the CPU toy run)")
+    p = sub.add_parser("train", help="RL with a PEFT method: the single-machine engine (configs with `toy:` or "
+                                     "`model:`) or verl (recipes)")
     p.add_argument("--config", default="examples/toy.yaml")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved configuration and stop")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. method.name=dora rl.steps=60")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("bench", help="benchmarks; `perl bench toy`: all 13 methods on the toy task, Table 3 + Figure 1")
+    p.add_argument("suite", choices=("toy",))
+    p.add_argument("--config", default="examples/toy.yaml")
+    p.add_argument("--methods", nargs="+", default=None, help="METHOD or METHOD@LOSS, e.g. lora@sgrpo (default: all 13 methods)")
+    p.add_argument("--out", default="runs/bench-toy")
+    p.add_argument("overrides", nargs="*", help="key=value overrides applied to every method's run")
+    p.set_defaults(func=_cmd_bench)
     return parser
 
 
@@ -341,7 +369,13 @@ def _cuda() -> bool:
 def main(argv: list[str] | None = None) -> int:
     from perl.data.prepare import DataSourceError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # key=value overrides may follow the options of `train` / `bench`
+        bad = [e for e in extra if "=" not in e or e.startswith("-")]
+        if bad or not hasattr(args, "overrides"):
+            parser.error(f"unrecognized arguments: {' '.join(bad or extra)}")
+        args.overrides = list(args.overrides) + extra
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, DataSourceError) as e:  # user errors: one clear line, no traceback

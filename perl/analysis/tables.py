@@ -1,7 +1,9 @@
-"""`perl table`: the paper's Table 3 layout and Figure 1 (left) from evaluation run directories.
+"""`perl table`: the paper's Table 3 layout and Figure 1 from evaluation run directories.
 
-Each run directory holds a `results.json` written by `perl eval` (per-benchmark Avg@k / Pass@k,
-and the run's method, label and trainable share). Rows are grouped by the paper's categories.
+Each run directory holds a `results.json` written by `perl eval` or a `perl train` run
+(per-benchmark Avg@k / Pass@k, and the run's method, label and trainable share). Rows are grouped
+by the paper's categories. Figure 1 left: accuracy vs trainable share; right: training reward
+curves, from each run's `metrics.jsonl` (found next to results.json or named in it).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class Run:
     trainable_percent: float | None
     overall: float
     benchmarks: dict[str, dict[str, float]]
+    metrics: str | None = None  # the training run's metrics.jsonl, if any
 
 
 def load_run(path: str) -> Run:
@@ -43,8 +46,12 @@ def load_run(path: str) -> Run:
     trainable = info.get("trainable_percent")
     if method == "full":
         trainable = 100.0
+    metrics = info.get("metrics")
+    if not (metrics and os.path.exists(metrics)):
+        local = os.path.join(path, "metrics.jsonl")
+        metrics = local if os.path.exists(local) else None
     return Run(path, info.get("label") or method or os.path.basename(os.path.normpath(path)), method, category,
-               trainable, float(res["overall_avg"]), res["benchmarks"])
+               trainable, float(res["overall_avg"]), res["benchmarks"], metrics)
 
 
 def table3(runs: list[Run]) -> pd.DataFrame:
@@ -118,6 +125,27 @@ def plot_accuracy_vs_params(runs: list[Run], path: str) -> str | None:
     return finish(fig, [ax], path)
 
 
+def plot_reward_curves(runs: list[Run], path: str, smooth: int = 10) -> str | None:
+    """Figure 1 (right): training reward per step, a trailing mean over `smooth` steps."""
+    from .plotting import finish, new_figure
+
+    curves = []
+    for r in runs:
+        if r.metrics is None:
+            continue
+        rows = pd.read_json(r.metrics, lines=True)
+        if len(rows) and "reward" in rows:
+            curves.append((r.label, rows["step"], rows["reward"].rolling(smooth, min_periods=1).mean()))
+    if not curves:
+        return None
+    fig, (ax,) = new_figure(figsize=(7, 4.5))
+    for label, steps, reward in curves:
+        ax.plot(steps, reward, label=label, linewidth=1.2)
+    ax.set_xlabel("RL step")
+    ax.set_ylabel(f"training reward (mean of last {smooth} steps)")
+    return finish(fig, [ax], path)
+
+
 def write_tables(run_dirs: list[str], out_dir: str) -> dict[str, str]:
     runs = [load_run(p) for p in run_dirs]
     if not runs:
@@ -131,4 +159,7 @@ def write_tables(run_dirs: list[str], out_dir: str) -> dict[str, str]:
     png = plot_accuracy_vs_params(runs, os.path.join(out_dir, "accuracy_vs_params.png"))
     if png:
         paths["plot"] = png
+    curves = plot_reward_curves(runs, os.path.join(out_dir, "reward_curves.png"))
+    if curves:
+        paths["reward_curves"] = curves
     return paths

@@ -5,8 +5,8 @@ batch is scored (flushed and fsynced), so a killed evaluation resumes where it s
 each sample's randomness comes only from its own seed (`sample_seed`), a resumed evaluation
 produces exactly the samples an uninterrupted one would. `<out>/results.json` (atomic) holds
 Avg@k / Pass@k per benchmark and the overall average, recomputable from the sample files alone.
-Generation: PeRL's per-row-seeded HF sampler (`perl.engine.sample`); a vLLM backend is not wired
-yet.
+Generation: a backend from `backends.py` (vLLM, or PeRL's per-row-seeded sampler); a plain model
+is sampled in-process.
 """
 
 from __future__ import annotations
@@ -20,10 +20,11 @@ from typing import Any
 import pandas as pd
 from tqdm import tqdm
 
-from perl.engine import SamplingConfig, sample
+from perl.engine import SamplingConfig
 from perl.reward import MathReward
 from perl.engine.tokenizer import prompt_ids
 
+from .backends import HFBackend, VLLMBackend
 from .metrics import benchmark_metrics, sample_seed
 
 # The paper's Table 2: k per benchmark.
@@ -81,16 +82,18 @@ def metrics_from_samples(samples: dict[tuple[int, int], dict[str, Any]]) -> dict
 def evaluate(model, tokenizer, benchmarks: dict[str, str], out_dir: str, config: EvalConfig | None = None,
              reward: MathReward | None = None, progress: bool = True,
              on_batch: Callable[[str, int], None] | None = None, run_info: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Evaluate `model` on parquet benchmarks ({name: path}, verl schema); returns results.json's content.
+    """Evaluate `model` (a HF model, or a backend such as `VLLMBackend`) on parquet benchmarks
+    ({name: path}, verl schema); returns results.json's content.
 
     `run_info` (label, method, trainable_percent, paths) is stored with the results for `perl table`.
     """
     config = config or EvalConfig()
     reward = reward or MathReward()
+    backend = model if isinstance(model, (HFBackend, VLLMBackend)) else HFBackend(model)
     os.makedirs(out_dir, exist_ok=True)
     eos = [tokenizer.eos_token_id]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    results: dict[str, Any] = {"run": dict(run_info or {}), "benchmarks": {},
+    results: dict[str, Any] = {"run": {**(run_info or {}), "backend": backend.name}, "benchmarks": {},
                                "config": {**asdict(config), "sampling": asdict(config.sampling)}}
     for name, path in benchmarks.items():
         rows = pd.read_parquet(path).to_dict("records")
@@ -112,7 +115,7 @@ def evaluate(model, tokenizer, benchmarks: dict[str, str], out_dir: str, config:
                         prompts[i] = prompt_ids(tokenizer, rows[i]["prompt"])
                     ids.append(prompts[i])
                 seeds = [sample_seed(config.seed, f"{name}:{i}", j) for i, j in batch]
-                outs = sample(model, ids, seeds, config.sampling, eos, pad)
+                outs = backend.generate(ids, seeds, config.sampling, eos, pad)
                 texts = [tokenizer.decode(o, skip_special_tokens=True) for o in outs]
                 truths = [rows[i]["reward_model"]["ground_truth"] for i, _ in batch]
                 for (i, j), seed, text, out, scored in zip(batch, seeds, texts, outs, reward.score_batch(texts, truths)):

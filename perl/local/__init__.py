@@ -1,7 +1,8 @@
 """Single-machine path: the embedded toy task and a one-process RLVR engine (CPU or one GPU).
 
-`perl train --config examples/toy.yaml` (README's main job) runs it. Not here yet: the 13-method
-toy table (`perl bench toy`) and a real-model example (SmolLM2-135M).
+`perl train --config examples/toy.yaml` (README's main job) runs it through `recipe.train`;
+`perl bench toy` runs every method on it (`bench_toy.py`); `examples/smollm2_arith.yaml` runs the
+same engine on a real pretrained model (SmolLM2-135M-Instruct).
 """
 
 from .engine import ALGORITHMS, LocalRL, RLConfig, run

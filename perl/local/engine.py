@@ -48,15 +48,38 @@ class RLConfig:
     top_p: float = 1.0
     seed: int = 0
     metrics: dict[str, Any] = field(default_factory=dict)
+    # Which tokens carry the policy loss (perl.algos.token_efficient, arXiv 2504.20834):
+    # token = every response token (verl's GRPO/DAPO loss); sgrpo = S-GRPO's sampled subset;
+    # tspmo = T-SPMO's unique (prefix, next token) pairs. `algorithm` still sets the clip range,
+    # dynamic sampling and (sgrpo) the advantage's std normalisation.
+    loss_mode: str = "token"
+    sgrpo_alpha: int = 4  # the first alpha response tokens are always in the loss
+    sgrpo_k: int = 8  # at most k tokens per response
+    sgrpo_p: float = 0.5  # later tokens join with probability p while fewer than k are in
+    sgrpo_weighting: str = "paper"  # paper (1/|T_i| mean) | unbiased (1/inclusion-probability weights)
+    tspmo_norm: str = "pairs"  # pairs (non-zero-advantage pairs) | all_pairs | sequences
+    subset_forward: bool = True  # sgrpo/tspmo: LM head only at the loss positions (False: full logits, gathered)
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm: {self.algorithm!r} is not one of {ALGORITHMS}")
+        from perl.algos.token_efficient import LOSS_MODES, TSPMO_NORMS
+
+        if self.loss_mode not in LOSS_MODES:
+            raise ValueError(f"loss_mode: {self.loss_mode!r} is not one of {LOSS_MODES}")
+        if self.tspmo_norm not in TSPMO_NORMS:
+            raise ValueError(f"tspmo_norm: {self.tspmo_norm!r} is not one of {TSPMO_NORMS}")
+        self.sgrpo_config()  # checks sgrpo_alpha / sgrpo_k / sgrpo_p / sgrpo_weighting
         for name in ("steps", "prompts_per_step", "group_size", "max_gen_batches", "max_new_tokens", "mini_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.group_size < 2:
             raise ValueError("group_size must be >= 2 (group-relative advantages)")
+
+    def sgrpo_config(self):
+        from perl.algos.token_efficient import SGRPOConfig
+
+        return SGRPOConfig(self.sgrpo_alpha, self.sgrpo_k, self.sgrpo_p, self.sgrpo_weighting)
 
 
 def _actor_config(cfg: RLConfig):
@@ -164,6 +187,8 @@ class LocalRL:
     def _update(self, kept) -> dict[str, float]:
         from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage, compute_policy_loss_vanilla
 
+        if self.cfg.loss_mode != "token":
+            return self._update_subset(kept)
         cfg, g = self.cfg, self.cfg.group_size
         p_width = max(len(p) for p, _, _ in kept)
         r_width = max(max(len(r) for _, r, _ in kept), 1)
@@ -210,16 +235,91 @@ class LocalRL:
         return {"pg_loss": float(np.mean(losses)), "entropy": float(np.mean(entropies)),
                 "pg_clipfrac": float(np.mean(clipfracs)), "optimizer_steps": len(chunks)}
 
-    @torch.no_grad()
-    def evaluate(self, rows: list[dict], k: int = 4, seed: int = 1234) -> float:
-        """Avg@k on held-out rows with the current policy (through the rollout model)."""
-        self.sync()
-        ids = [prompt_ids(self.tok, r["prompt"]) for r in rows for _ in range(k)]
-        seeds = [sample_seed(seed, f"eval:{i}", j) for i in range(len(rows)) for j in range(k)]
-        outs = sample(self.rollout, ids, seeds, self.sampling, [self.tok.eos_token_id], self.tok.pad_token_id)
-        texts = [self.tok.decode(o, skip_special_tokens=True) for o in outs]
-        truths = [r["reward_model"]["ground_truth"] for r in rows for _ in range(k)]
-        return float(np.mean([s["acc"] for s in self.reward.score_batch(texts, truths)]))
+    def _update_subset(self, kept) -> dict[str, float]:
+        """S-GRPO / T-SPMO update (`loss_mode`): the loss covers only the selected tokens, and so do the
+        forward (rows without one are skipped; the sequence ends at the mini-batch's last selected
+        position) and the LM head (`selected_token_log_probs`). Mini-batches are whole groups, as in
+        `_update`; a mini-batch with nothing to learn from (and no extra loss) takes no optimizer step."""
+        from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage
+
+        from perl.algos.token_efficient import (selected_token_log_probs, sgrpo_select, sgrpo_weights,
+                                                tspmo_advantages, tspmo_weights, weighted_policy_loss)
+
+        cfg, g = self.cfg, self.cfg.group_size
+        n = len(kept)
+        p_width = max(len(p) for p, _, _ in kept)
+        r_width = max(max(len(r) for _, r, _ in kept), 1)
+        seqs = torch.full((n, p_width + r_width), self.tok.pad_token_id)
+        attn = torch.zeros_like(seqs)
+        mask = torch.zeros((n, r_width))
+        for i, (p, r, _) in enumerate(kept):  # prompt left-padded, response right-padded
+            seqs[i, p_width - len(p) : p_width] = torch.tensor(p)
+            seqs[i, p_width : p_width + len(r)] = torch.tensor(r, dtype=torch.long)
+            attn[i, p_width - len(p) : p_width + len(r)] = 1
+            mask[i, : len(r)] = 1
+        index = [i // g for i in range(n)]
+        if cfg.loss_mode == "sgrpo":
+            token_rewards = torch.zeros((n, r_width))
+            last = (mask.sum(-1) - 1).clamp(min=0).long()
+            token_rewards[torch.arange(n), last] = torch.tensor([rw for _, _, rw in kept])
+            adv, _ = compute_grpo_outcome_advantage(token_rewards, mask, np.array(index, dtype=object),
+                                                    norm_adv_by_std_in_grpo=cfg.algorithm != "drgrpo")
+            gen = torch.Generator().manual_seed(sample_seed(cfg.seed, f"sgrpo:{self.step_idx}", 0))
+            selected = sgrpo_select(mask, cfg.sgrpo_config(), gen)
+        else:
+            adv, selected = tspmo_advantages([r for _, r, _ in kept], [rw for _, _, rw in kept], index, r_width)
+        groups = list(range(n // g))
+        self.rng.shuffle(groups)
+        chunks = [torch.tensor([i * g + j for i in c for j in range(g)])
+                  for c in np.array_split(np.array(groups), min(cfg.mini_batches, len(groups))) if len(c)]
+        weights = torch.zeros((n, r_width))
+        for rows in chunks:  # normalised within each mini-batch (one optimizer step each)
+            if cfg.loss_mode == "sgrpo":
+                weights[rows] = sgrpo_weights(selected[rows], mask[rows], cfg.sgrpo_config(), n_seqs=len(rows))
+            else:
+                weights[rows] = tspmo_weights(selected[rows], adv[rows], cfg.tspmo_norm, n_seqs=len(rows))
+        active = (weights > 0) & (adv != 0) & (mask > 0)  # zero weight or zero advantage: no gradient
+
+        def plan(rows):
+            rows = rows[active[rows].any(-1)]
+            local, pos = active[rows].nonzero(as_tuple=True)
+            return rows, local, pos
+
+        model = self.policy.model
+        model.train()
+        plans = [plan(rows) for rows in chunks]
+        with torch.no_grad():  # the rollout policy's log-probs, fixed for all mini-batches of this step
+            old = [selected_token_log_probs(model, seqs[r], attn[r], p_width, lo, po, cfg.subset_forward)[0]
+                   for r, lo, po in plans]
+        losses, entropies, clipfracs, steps = [], [], [], 0
+        fwd_tokens = full_tokens = 0
+        for (rows, local, pos), old_logp, all_rows in zip(plans, old, chunks):
+            full_tokens += len(all_rows) * (p_width + r_width)
+            extra = self.policy.extra_loss()
+            if len(rows) == 0 and extra is None:
+                continue
+            loss = extra if extra is not None else 0.0
+            if len(rows):
+                fwd_tokens += len(rows) * (p_width + int(pos.max()) + 1)
+                logp, entropy = selected_token_log_probs(model, seqs[rows], attn[rows], p_width, local, pos,
+                                                         cfg.subset_forward)
+                pg_loss, pg_metrics = weighted_policy_loss(old_logp, logp, adv[rows][local, pos],
+                                                           weights[rows][local, pos], self.actor_cfg)
+                loss = pg_loss + loss
+                losses.append(float(pg_loss.detach()))
+                entropies.append(float(entropy.detach().mean()))
+                clipfracs.append(float(pg_metrics["actor/pg_clipfrac"]))
+            loss.backward()
+            self.opt.step()
+            self.policy.after_optimizer_step()
+            self.opt.zero_grad(set_to_none=True)
+            steps += 1
+        model.eval()
+        mean = lambda xs, empty: float(np.mean(xs)) if xs else empty  # noqa: E731
+        return {"pg_loss": mean(losses, 0.0), "entropy": mean(entropies, float("nan")),
+                "pg_clipfrac": mean(clipfracs, 0.0), "optimizer_steps": steps,
+                "loss_tokens": int(active.sum()), "loss_token_frac": float(active.sum() / mask.sum().clamp(min=1)),
+                "forward_token_frac": fwd_tokens / max(full_tokens, 1)}
 
 
 CHECKPOINT = "checkpoint"
@@ -268,27 +368,61 @@ def plot_curve(metrics_path: str, png_path: str) -> str:
     return finish(fig, [ax], png_path)
 
 
+HELDOUT = "heldout"  # the held-out benchmark's name in results.json
+
+
+def _evaluate_to(engine: LocalRL, rows: list[dict], k: int, out_dir: str, data: str, run_info: dict[str, Any],
+                 progress: bool, cold_start: bool = False) -> float:
+    """Held-out Avg@k through `perl eval`'s runner: every sample kept, results.json for `perl table`.
+
+    The sample seeds depend only on (seed, problem, index), so the before and after evaluations
+    score the same random streams (a paired comparison) and a killed evaluation resumes."""
+    from perl.data import write_parquet
+    from perl.eval import EvalConfig, evaluate
+
+    if cold_start:  # the untouched starting model, whatever a resumed checkpoint holds
+        engine.rollout.load_state_dict(engine.rollout_base.state_dict())
+    else:
+        engine.sync()
+    if not os.path.exists(data):
+        write_parquet(rows, data)
+    config = EvalConfig(k={HELDOUT: k}, seed=engine.cfg.seed + 1234, batch_size=256, sampling=engine.sampling)
+    results = evaluate(engine.rollout, engine.tok, {HELDOUT: data}, out_dir, config, reward=engine.reward,
+                       progress=progress, run_info=run_info)
+    return float(results["overall_avg"])
+
+
 def run(policy, rollout_model, tokenizer, train_rows, eval_rows, cfg: RLConfig, out_dir: str,
         eval_k: int = 4, progress: bool = True, save_every: int = 10,
-        on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
+        on_step: Callable[[int], None] | None = None, reward: MathReward | None = None,
+        label: str | None = None) -> dict[str, Any]:
     """Train with per-step metrics (metrics.jsonl), held-out Avg@k before/after, a reward-curve PNG,
-    checkpoints every `save_every` steps; a killed run resumes from its last checkpoint."""
+    checkpoints every `save_every` steps; a killed run resumes from its last checkpoint.
+
+    `out_dir/results.json` (after) and `out_dir/eval_before/results.json` (the cold start) are
+    `perl eval` results, so `perl table` reads toy runs like any evaluation."""
     os.makedirs(out_dir, exist_ok=True)
-    engine = LocalRL(policy, rollout_model, tokenizer, train_rows, cfg)
+    engine = LocalRL(policy, rollout_model, tokenizer, train_rows, cfg, reward=reward)
     engine.rollout_base = copy.deepcopy(rollout_model)  # pristine base for reloading checkpoints
     log_path = os.path.join(out_dir, "metrics.jsonl")
     summary_path = os.path.join(out_dir, "summary.json")
+    data_path = os.path.join(out_dir, f"{HELDOUT}.parquet")
+    before_info = {"label": "cold start", "method": None, "trainable_percent": None}
+    after_info = {"label": label or policy.name, "method": policy.name,
+                  "trainable_percent": policy.trainable_percent(), "metrics": os.path.abspath(log_path)}
     resumed = load_checkpoint(engine, out_dir)
     if resumed:
-        before = json.load(open(os.path.join(out_dir, "eval_before.json")))["avg"]
         lines = [line for line in open(log_path) if line.strip()][: engine.step_idx]  # drop steps after the checkpoint
         with open(log_path, "w") as f:
             f.writelines(lines)
     else:
-        before = engine.evaluate(eval_rows, eval_k)
-        with open(os.path.join(out_dir, "eval_before.json"), "w") as f:
-            json.dump({"avg": before, "k": eval_k}, f)
         open(log_path, "w").close()
+    if engine.step_idx == 0 or not os.path.exists(os.path.join(out_dir, "eval_before", "results.json")):
+        before = _evaluate_to(engine, eval_rows, eval_k, os.path.join(out_dir, "eval_before"), data_path,
+                              before_info, progress, cold_start=True)
+    else:
+        before = json.load(open(os.path.join(out_dir, "eval_before", "results.json")))["overall_avg"]
+    trained_now = engine.step_idx < cfg.steps
     with open(log_path, "a") as log, tqdm(range(engine.step_idx, cfg.steps), initial=engine.step_idx, total=cfg.steps,
                                           desc=f"RL {policy.name}", disable=not progress) as bar:
         for _ in bar:
@@ -301,12 +435,18 @@ def run(policy, rollout_model, tokenizer, train_rows, eval_rows, cfg: RLConfig, 
                 save_checkpoint(engine, out_dir)
             if on_step is not None:
                 on_step(engine.step_idx)
-    after = engine.evaluate(eval_rows, eval_k)
+    if trained_now:  # samples of an earlier final evaluation belong to another policy
+        for stale in (f"{HELDOUT}.samples.jsonl", "results.json"):
+            if os.path.exists(os.path.join(out_dir, stale)):
+                os.remove(os.path.join(out_dir, stale))
+    after = _evaluate_to(engine, eval_rows, eval_k, out_dir, data_path, after_info, progress)
     policy.save(os.path.join(out_dir, "adapter"))
     plot_curve(log_path, os.path.join(out_dir, "reward_curve.png"))
     summary = {"method": policy.name, "eval_before": before, "eval_after": after, "gain": after - before,
                "eval_k": eval_k, "eval_problems": len(eval_rows), "trainable_percent": policy.trainable_percent(),
                "resumed": resumed, "config": asdict(cfg)}
-    with open(summary_path, "w") as f:
+    from perl.io import atomic_file
+
+    with atomic_file(summary_path) as tmp, open(tmp, "w") as f:
         json.dump(summary, f, indent=2)
     return summary
