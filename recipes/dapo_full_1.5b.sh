@@ -1,0 +1,4 @@
+#!/usr/bin/env bash
+# DAPO + full fine-tuning, DeepSeek-R1-Distill-Qwen-1.5B: paper Table 3, row Full.
+# Recipe: recipes/yaml/dapo_full_1.5b.yaml. Knobs and arguments: bash recipes/_run.sh --help
+exec bash "$(dirname "${BASH_SOURCE[0]}")/_run.sh" "$(basename "${BASH_SOURCE[0]}" .sh)" "$@"
