@@ -70,6 +70,11 @@ def test_config_is_checked():
         RLConfig(algorithm="ppo")
     with pytest.raises(ValueError, match="group_size"):
         RLConfig(group_size=1)
+    from perl.local.recipe import train
+
+    # a mistyped override must fail before any work, naming the key (it was once silently ignored)
+    with pytest.raises(ValueError, match=r"config: unknown keys \['trainer'\]"):
+        train({"trainer": {"out_dir": "x"}, "method": {"name": "lora"}, "rl": {}, "out_dir": "x", "toy": {}})
 
 
 def _toy_run(cache, out, on_step=None, steps=6):

@@ -17,6 +17,7 @@ import torch
 
 DATA_KEYS = {"task", "train_size", "eval_size", "eval_k", "digits", "ops", "template", "train", "eval"}
 MODEL_KEYS = {"path", "package", "gguf_file", "tokenizer"}
+TOP_KEYS = {"toy", "model", "data", "reward", "method", "rl", "out_dir", "seed", "save_every", "label"}
 REWARD_KEYS = {"require_think", "boxed", "answer_line_fallback", "workers", "timeout_s"}
 
 
@@ -114,6 +115,7 @@ def train(cfg: dict[str, Any], progress: bool = True) -> dict[str, Any]:
     from .engine import RLConfig, run
     from .toy import TOY_TEMPLATE, ToyConfig, cold_start
 
+    _check_keys("config", cfg, TOP_KEYS)  # a mistyped override (trainer.out_dir=...) must not be ignored
     for key in ("method", "rl", "out_dir"):
         if key not in cfg:
             raise ValueError(f"config: missing `{key}`")
@@ -142,6 +144,7 @@ def train(cfg: dict[str, Any], progress: bool = True) -> dict[str, Any]:
     train_rows = _rows(data, "train", template, seed=1)
     eval_rows = _rows(data, "eval", template, seed=10_001)
     rollout = copy.deepcopy(model)
+    torch.manual_seed(seed)  # adapter init must not depend on whether the cold start came from the cache
     policy = adapt(model, cfg["method"], total_steps=rl.steps * rl.mini_batches)  # optimizer steps
     s = policy.summary()
     if progress:
