@@ -114,8 +114,10 @@ def test_killed_run_resumes_to_the_uninterrupted_result(cache, tmp_path):
 
 
 def test_toy_run_learns_shorter_version(toy_cache, tmp_path):
-    """The README main job, shortened (100 of its 200 steps, 100 held-out problems): DAPO + LoRA must
-    lift held-out Avg@4 from a cold start that has room to learn. Measured here: MEASURED."""
+    """The README main job, shortened (150 of its 200 steps, 100 held-out problems): DAPO + LoRA must
+    lift held-out Avg@4 from a cold start that has room to learn. Measured here (2026-11-23, 2-core
+    CPU): 0.585 -> 0.715 (+0.130) in 2 min 23 s; at 100 steps only +0.062, too close to the 0.05 bar
+    for evaluation noise (~0.03), hence 150."""
     import json
     import os
     import subprocess
@@ -124,7 +126,7 @@ def test_toy_run_learns_shorter_version(toy_cache, tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = tmp_path / "toy"
     cmd = [sys.executable, "-m", "perl.cli", "train", "--config", os.path.join(root, "examples", "toy.yaml"),
-           f"out_dir={out}", "rl.steps=100", "data.eval_size=100"]
+           f"out_dir={out}", "rl.steps=150", "data.eval_size=100"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", PERL_CACHE=toy_cache)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -132,5 +134,5 @@ def test_toy_run_learns_shorter_version(toy_cache, tmp_path):
     assert 0.1 <= summary["eval_before"] <= 0.7, summary
     assert summary["eval_after"] - summary["eval_before"] >= 0.05, summary
     metrics = [json.loads(x) for x in open(out / "metrics.jsonl")]
-    assert len(metrics) == 100 and all(m["kept_groups"] > 0 for m in metrics)
+    assert len(metrics) == 150 and all(m["kept_groups"] > 0 for m in metrics)
     assert (out / "reward_curve.png").exists() and (out / "adapter" / "adapter_config.json").exists()

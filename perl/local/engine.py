@@ -184,15 +184,12 @@ class LocalRL:
         metrics.update(timings)
         return metrics
 
-    def _update(self, kept) -> dict[str, float]:
-        from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage, compute_policy_loss_vanilla
-
-        if self.cfg.loss_mode != "token":
-            return self._update_subset(kept)
-        cfg, g = self.cfg, self.cfg.group_size
+    def _pack(self, kept):
+        """(token ids, attention mask, response mask, prompt width) of (prompt, response, reward) rows:
+        prompts left-padded and responses right-padded, so every response starts at `p_width`."""
+        n = len(kept)
         p_width = max(len(p) for p, _, _ in kept)
         r_width = max(max(len(r) for _, r, _ in kept), 1)
-        n = len(kept)
         seqs = torch.full((n, p_width + r_width), self.tok.pad_token_id)
         attn = torch.zeros_like(seqs)
         mask = torch.zeros((n, r_width))
@@ -201,12 +198,30 @@ class LocalRL:
             seqs[i, p_width : p_width + len(r)] = torch.tensor(r, dtype=torch.long)
             attn[i, p_width - len(p) : p_width + len(r)] = 1
             mask[i, : len(r)] = 1
-        token_rewards = torch.zeros((n, r_width))
+        return seqs, attn, mask, p_width
+
+    def _outcome_advantages(self, kept, mask):
+        """verl's GRPO (or Dr. GRPO: no std division) advantage of each row's reward, over its group."""
+        from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage
+
+        n = len(kept)
+        token_rewards = torch.zeros_like(mask)
         last = (mask.sum(-1) - 1).clamp(min=0).long()
         token_rewards[torch.arange(n), last] = torch.tensor([rw for _, _, rw in kept])
-        index = np.array([i // g for i in range(n)], dtype=object)
+        index = np.array([i // self.cfg.group_size for i in range(n)], dtype=object)
         adv, _ = compute_grpo_outcome_advantage(token_rewards, mask, index,
-                                                norm_adv_by_std_in_grpo=cfg.algorithm != "drgrpo")
+                                                norm_adv_by_std_in_grpo=self.cfg.algorithm != "drgrpo")
+        return adv
+
+    def _update(self, kept) -> dict[str, float]:
+        from verl.trainer.ppo.core_algos import compute_policy_loss_vanilla
+
+        if self.cfg.loss_mode != "token":
+            return self._update_subset(kept)
+        cfg, g = self.cfg, self.cfg.group_size
+        n = len(kept)
+        seqs, attn, mask, p_width = self._pack(kept)
+        adv = self._outcome_advantages(kept, mask)
         model = self.policy.model
         model.train()
         with torch.no_grad():  # the rollout policy's log-probs, fixed for all mini-batches of this step
@@ -240,30 +255,16 @@ class LocalRL:
         forward (rows without one are skipped; the sequence ends at the mini-batch's last selected
         position) and the LM head (`selected_token_log_probs`). Mini-batches are whole groups, as in
         `_update`; a mini-batch with nothing to learn from (and no extra loss) takes no optimizer step."""
-        from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage
-
         from perl.algos.token_efficient import (selected_token_log_probs, sgrpo_select, sgrpo_weights,
                                                 tspmo_advantages, tspmo_weights, weighted_policy_loss)
 
         cfg, g = self.cfg, self.cfg.group_size
         n = len(kept)
-        p_width = max(len(p) for p, _, _ in kept)
-        r_width = max(max(len(r) for _, r, _ in kept), 1)
-        seqs = torch.full((n, p_width + r_width), self.tok.pad_token_id)
-        attn = torch.zeros_like(seqs)
-        mask = torch.zeros((n, r_width))
-        for i, (p, r, _) in enumerate(kept):  # prompt left-padded, response right-padded
-            seqs[i, p_width - len(p) : p_width] = torch.tensor(p)
-            seqs[i, p_width : p_width + len(r)] = torch.tensor(r, dtype=torch.long)
-            attn[i, p_width - len(p) : p_width + len(r)] = 1
-            mask[i, : len(r)] = 1
+        seqs, attn, mask, p_width = self._pack(kept)
+        r_width = mask.shape[1]
         index = [i // g for i in range(n)]
         if cfg.loss_mode == "sgrpo":
-            token_rewards = torch.zeros((n, r_width))
-            last = (mask.sum(-1) - 1).clamp(min=0).long()
-            token_rewards[torch.arange(n), last] = torch.tensor([rw for _, _, rw in kept])
-            adv, _ = compute_grpo_outcome_advantage(token_rewards, mask, np.array(index, dtype=object),
-                                                    norm_adv_by_std_in_grpo=cfg.algorithm != "drgrpo")
+            adv = self._outcome_advantages(kept, mask)
             gen = torch.Generator().manual_seed(sample_seed(cfg.seed, f"sgrpo:{self.step_idx}", 0))
             selected = sgrpo_select(mask, cfg.sgrpo_config(), gen)
         else:
