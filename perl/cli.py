@@ -51,13 +51,13 @@ def format_methods_table(report: dict[str, Any]) -> str:
     for row in report["methods"]:
         targets = ",".join(row["target_modules"]) if row["target_modules"] else "all parameters"
         lines.append(
-            f"| {row['method']} | {row['category']} | {row['trainable']:,} | {_pct(row['percent'])} "
+            f"| {row['method']} | {row['category']} | {row['trainable']:,} | {format_percent(row['percent'])} "
             f"| {row['trains']} | {targets} |"
         )
     return "\n".join(lines)
 
 
-def _pct(p: float) -> str:
+def format_percent(p: float) -> str:
     return f"{p:.0f}%" if p >= 99.995 else (f"{p:.2f}%" if p >= 0.1 else f"{p:.4f}%")
 
 
@@ -80,24 +80,17 @@ def _cmd_methods(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    import os
-
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from perl.methods import load_adapted
-    from perl.sync.export import export_merged, parse_dtype
+    from perl.sync.export import export_adapter_merged, parse_dtype
 
     parse_dtype(args.dtype)  # fail before loading anything
     for field, path in (("--base", args.base), ("--adapter", args.adapter)):
         if not os.path.isdir(path):
             print(f"error: {field}: {path!r} is not a directory", file=sys.stderr)
             return 2
-    base = AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32)
-    policy = load_adapted(base, args.adapter)
-    out = export_merged(policy, args.out, dtype=args.dtype, tokenizer_dir=args.tokenizer or args.base,
-                        max_shard_size=args.max_shard_size)
-    print(f"merged {policy.name} checkpoint written to {out}")
+    out, method = export_adapter_merged(args.base, args.adapter, args.out, dtype=args.dtype,
+                                        tokenizer_dir=args.tokenizer or args.base,
+                                        max_shard_size=args.max_shard_size)
+    print(f"merged {method} checkpoint written to {out}")
     return 0
 
 
@@ -194,13 +187,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if backend_name == "vllm":
         model_dir = args.model
         if args.adapter:  # vLLM serves merged checkpoints: merge once, next to the results
-            from perl.sync.export import export_merged
+            from perl.sync.export import export_adapter_merged
 
             model_dir = os.path.join(args.out, "merged_model")
             if not os.path.exists(os.path.join(model_dir, "config.json")):
-                base = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-                export_merged(load_adapted(base, args.adapter), model_dir, dtype="bf16",
-                              tokenizer_dir=args.tokenizer or args.model)
+                export_adapter_merged(args.model, args.adapter, model_dir, dtype="bf16",
+                                      tokenizer_dir=args.tokenizer or args.model)
         model = VLLMBackend(model_dir, tokenizer_dir=args.tokenizer or args.model,
                             max_model_len=args.max_new_tokens + 2048)
     else:

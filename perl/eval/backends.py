@@ -10,18 +10,11 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any
 
 from perl.engine import SamplingConfig, sample
 
 BACKENDS = ("auto", "hf", "vllm")
-
-
-class Backend(Protocol):
-    name: str
-
-    def generate(self, prompts: Sequence[Sequence[int]], seeds: Sequence[int], sampling: SamplingConfig,
-                 eos_token_ids: Sequence[int], pad_token_id: int) -> list[list[int]]: ...
 
 
 class HFBackend:

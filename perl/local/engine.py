@@ -213,12 +213,26 @@ class LocalRL:
                                                 norm_adv_by_std_in_grpo=self.cfg.algorithm != "drgrpo")
         return adv
 
+    def _minibatch_rows(self, n: int) -> list[torch.Tensor]:
+        """Row indices of each mini-batch: whole groups, shuffled by the engine's rng, `mini_batches` chunks."""
+        g = self.cfg.group_size
+        groups = list(range(n // g))
+        self.rng.shuffle(groups)
+        return [torch.tensor([i * g + j for i in c for j in range(g)])
+                for c in np.array_split(np.array(groups), min(self.cfg.mini_batches, len(groups))) if len(c)]
+
+    def _optimizer_step(self, loss: torch.Tensor) -> None:
+        loss.backward()
+        self.opt.step()
+        self.policy.after_optimizer_step()  # the method's per-step hook (AdaLoRA's rank allocation)
+        self.opt.zero_grad(set_to_none=True)
+
     def _update(self, kept) -> dict[str, float]:
         from verl.trainer.ppo.core_algos import compute_policy_loss_vanilla
 
         if self.cfg.loss_mode != "token":
             return self._update_subset(kept)
-        cfg, g = self.cfg, self.cfg.group_size
+        cfg = self.cfg
         n = len(kept)
         seqs, attn, mask, p_width = self._pack(kept)
         adv = self._outcome_advantages(kept, mask)
@@ -226,12 +240,9 @@ class LocalRL:
         model.train()
         with torch.no_grad():  # the rollout policy's log-probs, fixed for all mini-batches of this step
             old_logp, _ = _log_probs_and_entropy(model, seqs, attn, p_width)
-        groups = list(range(n // g))
-        self.rng.shuffle(groups)
-        chunks = [c for c in np.array_split(np.array(groups), min(cfg.mini_batches, len(groups))) if len(c)]
+        chunks = self._minibatch_rows(n)
         losses, entropies, clipfracs = [], [], []
-        for chunk in chunks:  # each mini-batch: whole groups, one optimizer step
-            rows = torch.tensor([i * g + j for i in chunk for j in range(g)])
+        for rows in chunks:  # each mini-batch: whole groups, one optimizer step
             logp, entropy = _log_probs_and_entropy(model, seqs[rows], attn[rows], p_width)
             pg_loss, pg_metrics = compute_policy_loss_vanilla(old_logp[rows], logp, adv[rows], mask[rows],
                                                               _loss_agg_mode(cfg), self.actor_cfg)
@@ -239,10 +250,7 @@ class LocalRL:
             extra = self.policy.extra_loss()
             if extra is not None:
                 loss = loss + extra
-            loss.backward()
-            self.opt.step()
-            self.policy.after_optimizer_step()
-            self.opt.zero_grad(set_to_none=True)
+            self._optimizer_step(loss)
             losses.append(float(pg_loss.detach()))
             entropies.append(float((entropy.detach() * mask[rows]).sum() / mask[rows].sum()))
             clipfracs.append(float(pg_metrics["actor/pg_clipfrac"]))
@@ -266,17 +274,15 @@ class LocalRL:
         if cfg.loss_mode == "sgrpo":
             adv = self._outcome_advantages(kept, mask)
             gen = torch.Generator().manual_seed(sample_seed(cfg.seed, f"sgrpo:{self.step_idx}", 0))
-            selected = sgrpo_select(mask, cfg.sgrpo_config(), gen)
+            sgrpo_cfg = cfg.sgrpo_config()
+            selected = sgrpo_select(mask, sgrpo_cfg, gen)
         else:
             adv, selected = tspmo_advantages([r for _, r, _ in kept], [rw for _, _, rw in kept], index, r_width)
-        groups = list(range(n // g))
-        self.rng.shuffle(groups)
-        chunks = [torch.tensor([i * g + j for i in c for j in range(g)])
-                  for c in np.array_split(np.array(groups), min(cfg.mini_batches, len(groups))) if len(c)]
+        chunks = self._minibatch_rows(n)
         weights = torch.zeros((n, r_width))
         for rows in chunks:  # normalised within each mini-batch (one optimizer step each)
             if cfg.loss_mode == "sgrpo":
-                weights[rows] = sgrpo_weights(selected[rows], mask[rows], cfg.sgrpo_config(), n_seqs=len(rows))
+                weights[rows] = sgrpo_weights(selected[rows], mask[rows], sgrpo_cfg, n_seqs=len(rows))
             else:
                 weights[rows] = tspmo_weights(selected[rows], adv[rows], cfg.tspmo_norm, n_seqs=len(rows))
         active = (weights > 0) & (adv != 0) & (mask > 0)  # zero weight or zero advantage: no gradient
@@ -310,10 +316,7 @@ class LocalRL:
                 losses.append(float(pg_loss.detach()))
                 entropies.append(float(entropy.detach().mean()))
                 clipfracs.append(float(pg_metrics["actor/pg_clipfrac"]))
-            loss.backward()
-            self.opt.step()
-            self.policy.after_optimizer_step()
-            self.opt.zero_grad(set_to_none=True)
+            self._optimizer_step(loss)
             steps += 1
         model.eval()
         mean = lambda xs, empty: float(np.mean(xs)) if xs else empty  # noqa: E731

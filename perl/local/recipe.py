@@ -18,7 +18,6 @@ import torch
 DATA_KEYS = {"task", "train_size", "eval_size", "eval_k", "digits", "ops", "template", "train", "eval"}
 MODEL_KEYS = {"path", "package", "gguf_file", "tokenizer"}
 TOP_KEYS = {"toy", "model", "data", "reward", "method", "rl", "out_dir", "seed", "save_every", "label"}
-REWARD_KEYS = {"require_think", "boxed", "answer_line_fallback", "workers", "timeout_s"}
 
 
 def _check_keys(block: str, cfg: dict[str, Any], allowed: set[str]) -> None:
@@ -49,7 +48,9 @@ def _gguf_cache_dir(gguf_path: str) -> str:
 
     st = os.stat(gguf_path)
     key = hashlib.sha256(f"{os.path.abspath(gguf_path)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
-    cache = os.environ.get("PERL_CACHE", os.path.expanduser("~/.cache/perl"))
+    from .toy import cache_root
+
+    cache = cache_root()
     return os.path.join(cache, f"gguf-{os.path.basename(gguf_path).removesuffix('.gguf')}-{key}")
 
 
@@ -110,7 +111,7 @@ def train(cfg: dict[str, Any], progress: bool = True) -> dict[str, Any]:
     """Run one resolved config (a plain dict); returns the run's summary (also in summary.json)."""
     from perl.data import DEFAULT_TEMPLATE
     from perl.methods import adapt
-    from perl.reward import FormatConfig, MathReward, RewardConfig
+    from perl.reward import MathReward, reward_config
 
     from .engine import RLConfig, run
     from .toy import TOY_TEMPLATE, ToyConfig, cold_start
@@ -136,11 +137,7 @@ def train(cfg: dict[str, Any], progress: bool = True) -> dict[str, Any]:
     else:
         model, tok, origin = load_model(dict(cfg["model"]))
         template = data.get("template", DEFAULT_TEMPLATE)
-    reward_cfg = dict(cfg.get("reward") or {})
-    _check_keys("reward", reward_cfg, REWARD_KEYS)
-    fmt = FormatConfig(**{k: reward_cfg.pop(k) for k in ("require_think", "boxed", "answer_line_fallback")
-                          if k in reward_cfg})
-    reward = MathReward(RewardConfig(format=fmt, **reward_cfg))
+    reward = MathReward(reward_config(dict(cfg.get("reward") or {}), field="reward"))
     train_rows = _rows(data, "train", template, seed=1)
     eval_rows = _rows(data, "eval", template, seed=10_001)
     rollout = copy.deepcopy(model)

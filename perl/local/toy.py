@@ -85,13 +85,18 @@ def build_cold_start(cfg: ToyConfig, progress: bool = True):
     return model, tok
 
 
+def cache_root() -> str:
+    """Where PeRL caches what it builds once (the toy cold start, converted GGUF models): $PERL_CACHE."""
+    return os.environ.get("PERL_CACHE", os.path.expanduser("~/.cache/perl"))
+
+
 def cold_start(cfg: ToyConfig = ToyConfig(), cache_dir: str | None = None, progress: bool = True):
     """(model, tokenizer, path): loaded from the cache, or built and cached atomically."""
     from transformers import AutoModelForCausalLM
 
     from perl.engine.tokenizer import load_tokenizer
 
-    cache_dir = cache_dir or os.environ.get("PERL_CACHE", os.path.expanduser("~/.cache/perl"))
+    cache_dir = cache_dir or cache_root()
     path = os.path.join(cache_dir, f"toy-{cfg.key()}")
     if not os.path.exists(os.path.join(path, "config.json")):
         model, tok = build_cold_start(cfg, progress)

@@ -100,18 +100,24 @@ _FORMAT_FIELDS = ("require_think", "boxed", "answer_line_fallback")
 _REWARD_FIELDS = ("correct_score", "incorrect_score", "timeout_s", "workers")
 
 
+def reward_config(kwargs: dict[str, Any], field: str = "reward_kwargs") -> RewardConfig:
+    """A flat mapping of format and reward fields (verl's `reward_kwargs`, a `perl train` config's
+    `reward:` block) as a RewardConfig; an unknown key is an error naming `field`."""
+    unknown = sorted(set(kwargs) - set(_FORMAT_FIELDS) - set(_REWARD_FIELDS))
+    if unknown:
+        raise ValueError(f"{field}: unknown {unknown}; allowed: {sorted(_FORMAT_FIELDS + _REWARD_FIELDS)}")
+    fmt = FormatConfig(**{k: v for k, v in kwargs.items() if k in _FORMAT_FIELDS})
+    return RewardConfig(format=fmt, **{k: v for k, v in kwargs.items() if k in _REWARD_FIELDS})
+
+
 def reward_from_kwargs(kwargs: dict[str, Any]) -> MathReward:
     """The process-wide reward for a set of `reward_kwargs` (verl passes them on every call)."""
     if not kwargs:
         return default_reward()
-    unknown = sorted(set(kwargs) - set(_FORMAT_FIELDS) - set(_REWARD_FIELDS))
-    if unknown:
-        raise ValueError(f"reward_kwargs: unknown {unknown}; allowed: {sorted(_FORMAT_FIELDS + _REWARD_FIELDS)}")
+    cfg = reward_config(kwargs)
     key = tuple(sorted(kwargs.items()))
     with _DEFAULT_LOCK:
         if key not in _BY_KWARGS:
-            fmt = FormatConfig(**{k: v for k, v in kwargs.items() if k in _FORMAT_FIELDS})
-            cfg = RewardConfig(format=fmt, **{k: v for k, v in kwargs.items() if k in _REWARD_FIELDS})
             _BY_KWARGS[key] = MathReward(cfg)
         return _BY_KWARGS[key]
 
@@ -124,5 +130,5 @@ def compute_score(data_source: Any = None, solution_str: Any = None, ground_trut
     return result
 
 
-__all__ = ["FormatConfig", "MathReward", "RewardConfig", "VerifierPool", "compute_score", "default_reward",
+__all__ = ["FormatConfig", "MathReward", "RewardConfig", "VerifierPool", "compute_score", "default_reward", "reward_config",
            "extract_answer", "overlong_penalty"]

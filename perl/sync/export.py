@@ -95,3 +95,14 @@ def export_merged(policy: AdaptedPolicy, out_dir: str, *, dtype: str | torch.dty
                 if os.path.exists(src):
                     shutil.copy2(src, os.path.join(tmp, fname))
     return os.path.abspath(out_dir)
+
+
+def export_adapter_merged(base_dir: str, adapter_dir: str, out_dir: str, **kwargs) -> tuple[str, str]:
+    """A saved adapter merged into its base model (loaded in fp32) and written as an HF checkpoint:
+    (out_dir, method name). `kwargs` go to `export_merged` (dtype, tokenizer_dir, max_shard_size)."""
+    from transformers import AutoModelForCausalLM
+
+    from perl.methods import load_adapted
+
+    policy = load_adapted(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), adapter_dir)
+    return export_merged(policy, out_dir, **kwargs), policy.name

@@ -18,6 +18,14 @@ ADAPTER_SYNC_METHODS = ("lora", "rslora", "lora_plus", "lora_fa", "pissa", "milo
 NEEDS_BASE_SYNC = ("pissa", "milora")  # their base is the residual W - B0 A0, not the checkpoint
 
 
+def lora_sync_config(policy: AdaptedPolicy) -> dict:
+    """The adapter's peft config as the receiving side needs it: the tensors sent are final, so
+    nothing is initialised there (`init_lora_weights=True`)."""
+    config = policy.model.peft_config["default"].to_dict()
+    config["init_lora_weights"] = True
+    return config
+
+
 def lora_adapter(policy: AdaptedPolicy, dtype: torch.dtype | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(peft LoRA config as a dict, tensors named as in a peft adapter file) for vLLM.
 
@@ -30,8 +38,7 @@ def lora_adapter(policy: AdaptedPolicy, dtype: torch.dtype | None = None) -> tup
             f"adapter-only sync serves plain LoRA only; {policy.name} is not (vLLM has no format for it, "
             f"or rejects it as for DoRA): use merged sync. Adapter sync works for: {', '.join(ADAPTER_SYNC_METHODS)}"
         )
-    config = policy.model.peft_config["default"].to_dict()
-    config["init_lora_weights"] = True  # the tensors are final; nothing to initialise on the receiving side
+    config = lora_sync_config(policy)
     for key in ("peft_type", "task_type"):
         config[key] = str(getattr(config[key], "value", config[key]))
     tensors = {}

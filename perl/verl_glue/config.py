@@ -10,7 +10,6 @@ missing model or data paths, batch sizes that do not divide, vLLM missing, and v
 from __future__ import annotations
 
 import copy
-import importlib.util
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -18,9 +17,11 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from perl.methods import METHODS, MethodSpec, MethodSpecError
-from perl.methods.catalog import resolve_options
-from perl.sync.lora import ADAPTER_SYNC_METHODS
+from perl.methods import MethodSpec, MethodSpecError
+from perl.eval.backends import vllm_available
+from perl.methods.catalog import get_method, resolve_options
+from perl.methods.spec import SPEC_FIELDS
+from perl.sync.lora import ADAPTER_SYNC_METHODS, NEEDS_BASE_SYNC
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "config")
 BASE_YAML = os.path.join(CONFIG_DIR, "perl_dapo.yaml")
@@ -29,10 +30,9 @@ REWARD_PATH = "pkg://perl.reward.verl_reward"
 SAMPLER_PATH = "pkg://perl.verl_glue.sampler"
 SAMPLER_NAME = "PerlReplayBuffer"
 
-ALGORITHMS = ("dapo", "grpo", "drgrpo")
 ADAPTER_SYNC = ("merged", "adapter")
 SYNC_DTYPES = ("bfloat16", "float16", "float32")
-PEFT_KEYS = ("name", "rank", "alpha", "dropout", "target_modules", "options", "adapter_sync", "sync_dtype")
+PEFT_KEYS = (*SPEC_FIELDS, "adapter_sync", "sync_dtype")
 FULL_LR = 1e-6  # the paper's full fine-tuning run
 # Methods whose whole trainable state sits under 'lora_' keys (what verl's save_lora_only keeps).
 LORA_KEYED_METHODS = ("lora", "dora", "adalora", "lora_plus", "rslora", "pissa", "milora", "lora_fa")
@@ -55,6 +55,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "algorithm.filter_groups.enable": False,
     },
 }
+ALGORITHMS = tuple(PRESETS)
 
 # Keys PeRL writes itself (from peft:/perl:); a recipe setting them would be silently overwritten.
 DERIVED = (
@@ -265,13 +266,10 @@ def peft_block(cfg: DictConfig) -> dict[str, Any]:
 def peft_spec(cfg: DictConfig) -> MethodSpec:
     """The method spec of the `peft:` block, validated (name, shared knobs, the method's own options)."""
     block = peft_block(cfg)
-    spec_fields = {k: block[k] for k in ("name", "rank", "alpha", "dropout", "target_modules", "options")
-                   if k in block and block[k] is not None}
+    spec_fields = {k: block[k] for k in SPEC_FIELDS if k in block and block[k] is not None}
     try:
         spec = MethodSpec.from_dict(spec_fields)
-        if spec.name not in METHODS:
-            raise MethodSpecError(f"peft.name: unknown method {spec.name!r}; valid methods: {', '.join(METHODS)}")
-        resolve_options(METHODS[spec.name], spec.options)
+        resolve_options(get_method(spec.name), spec.options)
     except MethodSpecError as e:
         raise ConfigError(str(e)) from None
     return spec
@@ -449,16 +447,12 @@ def check_batches(cfg: DictConfig) -> None:
                 raise ConfigError(f"{name} ({micro}) must divide {what} ({per_gpu})")
 
 
-def vllm_available() -> bool:
-    return importlib.util.find_spec("vllm") is not None
-
-
 def check_rollout(cfg: DictConfig, *, require_vllm: bool = True) -> None:
     name = cfg.actor_rollout_ref.rollout.name
     if name not in ("vllm", "sglang", "trtllm"):
         raise ConfigError(f"actor_rollout_ref.rollout.name: {name!r} is not one of vllm, sglang, trtllm")
     spec = cfg.actor_rollout_ref.model.lora.perl
-    if (spec.adapter_sync == "adapter" and spec.spec.name in ("pissa", "milora")
+    if (spec.adapter_sync == "adapter" and spec.spec.name in NEEDS_BASE_SYNC
             and "dummy" not in str(cfg.actor_rollout_ref.rollout.load_format)):
         raise ConfigError(f"actor_rollout_ref.rollout.load_format={cfg.actor_rollout_ref.rollout.load_format}: "
                           f"{spec.spec.name} with adapter_sync=adapter needs a dummy load format, so that verl sends "

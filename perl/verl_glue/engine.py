@@ -27,7 +27,6 @@ runs it; verl's workers import it through `actor_rollout_ref.model.external_lib`
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import math
 import os
@@ -46,13 +45,13 @@ from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
 
 from perl.methods import AdaptedPolicy, MethodSpec, adapt
 from perl.methods.base import Method, canonical_name
+from perl.sync.lora import NEEDS_BASE_SYNC
 
 logger = logging.getLogger(__name__)
 
 PERL_KEY = "perl"  # actor_rollout_ref.model.lora.perl: the resolved peft block (see perl.verl_glue.config)
 ADAPTER_DIR = "perl_adapter"  # peft-format adapter inside each verl checkpoint directory
 STATE_FILE = "perl_state.pt"  # PeRL step counter + AdaLoRA allocator state (replicated, rank 0 writes)
-SVD_INIT_METHODS = ("pissa", "milora")
 FULL_TENSOR_HOOKS = ("adalora",)  # per-step hooks that need whole tensors (see after_optimizer_step)
 
 # (device, vendor) keys verl's EngineRegistry looks up before its device-only defaults.
@@ -67,13 +66,10 @@ def perl_block(model_config: Any) -> dict[str, Any] | None:
     block = lora.get(PERL_KEY) if hasattr(lora, "get") else None
     if block is None:
         return None
-    try:
-        from omegaconf import DictConfig, OmegaConf
+    from omegaconf import DictConfig, OmegaConf
 
-        if isinstance(block, DictConfig):
-            block = OmegaConf.to_container(block, resolve=True)
-    except ImportError:  # pragma: no cover - omegaconf ships with verl
-        pass
+    if isinstance(block, DictConfig):
+        block = OmegaConf.to_container(block, resolve=True)
     return dict(block)
 
 
@@ -95,8 +91,8 @@ def _local_chunk(full: torch.Tensor, like) -> torch.Tensor:
     return full[index]
 
 
-def gather_full(model: nn.Module, select: Callable[[str, nn.Parameter], bool], *, keep: bool = True,
-                to_cpu: bool = True) -> dict[str, torch.Tensor]:
+def gather_full(model: nn.Module, select: Callable[[str, nn.Parameter], bool], *,
+                keep: bool = True) -> dict[str, torch.Tensor]:
     """Full copies of the selected parameters, by canonical name (collective over sharded ones)."""
     out: dict[str, torch.Tensor] = {}
     for name, p in model.named_parameters():
@@ -105,7 +101,7 @@ def gather_full(model: nn.Module, select: Callable[[str, nn.Parameter], bool], *
             continue
         t = p.detach().full_tensor() if _is_dtensor(p) else p.detach().clone()
         if keep:
-            out[cname] = t.cpu() if to_cpu else t
+            out[cname] = t.cpu()
     return out
 
 
@@ -283,7 +279,7 @@ class PerlFSDPEngine(FSDPEngineWithLMHead):
         module = super()._build_fsdp_module(module)
         if self.policy is not None:
             self.policy.model = module  # FSDP2 shards in place; keep the policy bound to the wrapped module
-            if self.policy.name in SVD_INIT_METHODS:
+            if self.policy.name in NEEDS_BASE_SYNC:
                 # Right after the broadcast from rank 0 the adapter *is* the initial one.
                 self._initial_adapter = {
                     name: p.detach().clone()
@@ -347,7 +343,7 @@ class PerlFSDPEngine(FSDPEngineWithLMHead):
         if self.policy.name == "full":
             raise RuntimeError("peft.name=full has no adapter to disable; the reference policy is a separate "
                                "model (verl builds it when use_kl_loss or use_kl_in_reward is on)")
-        if self.policy.name in SVD_INIT_METHODS:
+        if self.policy.name in NEEDS_BASE_SYNC:
             return self._initial_adapter_swapped()
         return self.module.disable_adapter()
 
@@ -389,10 +385,9 @@ class PerlFSDPEngine(FSDPEngineWithLMHead):
         from peft.utils import PeftType, TaskType
 
         from perl.sync import base_weights
-        from perl.sync.lora import lora_adapter
+        from perl.sync.lora import lora_adapter, lora_sync_config
 
-        config = self.policy.model.peft_config["default"].to_dict()
-        config["init_lora_weights"] = True  # the tensors are final; nothing to initialise on vLLM's side
+        config = lora_sync_config(self.policy)
         config["peft_type"] = PeftType(config["peft_type"])  # verl's contract: enum members, not strings
         config["task_type"] = TaskType(config["task_type"])
         if base_sync_done:
@@ -443,7 +438,7 @@ class PerlFSDPEngine(FSDPEngineWithLMHead):
         """
         select = adapter_parameter_filter(self.module, self.policy.name)
         rank0 = self.rank == 0
-        full = gather_full(self.module, select, keep=rank0, to_cpu=True)
+        full = gather_full(self.module, select, keep=rank0)
         if rank0:
             # Building the replica draws random inits; keep the run's RNG stream as verl checkpointed it.
             devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
@@ -544,5 +539,4 @@ def register() -> type[PerlFSDPEngine]:
 
 register()
 
-if importlib.util.find_spec("perl.algos") is not None:  # S-GRPO / T-SPMO losses, once that package exists
-    import perl.algos  # noqa: F401  (registers into verl's policy-loss registry)
+import perl.algos  # noqa: E402, F401  (registers the S-GRPO / T-SPMO losses into verl's policy-loss registry)

@@ -37,8 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def format_summary(summary: dict[str, Any]) -> str:
-    pct = summary["percent"]
-    pct_s = f"{pct:.0f}%" if pct >= 99.995 else (f"{pct:.2f}%" if pct >= 0.1 else f"{pct:.4f}%")
+    from perl.cli import format_percent
+
+    pct_s = format_percent(summary["percent"])
     targets = ", ".join(summary["target_modules"]) if summary["target_modules"] else "all parameters"
     lines = [
         f"method:     {summary['method']} ({summary['category']})",

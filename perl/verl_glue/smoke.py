@@ -76,35 +76,6 @@ def build_actor_engine(cfg: DictConfig, *, initialize: bool = True):
     return engine, partial(ppo_loss, config=actor_config)
 
 
-def build_ref_engine(cfg: DictConfig):
-    """The separate reference engine verl builds when the actor has no adapter (peft.name=full with a KL
-    term), like `ActorRolloutRefWorker.init_model` (ref part): forward-only, the base model."""
-    import perl.verl_glue.engine  # noqa: F401
-    from verl.utils.config import omega_conf_to_dataclass
-    from verl.workers.engine import EngineRegistry
-
-    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    arr = cfg.actor_rollout_ref
-    model_config = omega_conf_to_dataclass(arr.model)
-    ref = arr.ref
-    ref.ppo_mini_batch_size = arr.actor.ppo_mini_batch_size
-    ref.ppo_micro_batch_size = ref.pop("log_prob_micro_batch_size", None)
-    ref.ppo_micro_batch_size_per_gpu = ref.pop("log_prob_micro_batch_size_per_gpu", None)
-    ref.use_dynamic_bsz = ref.pop("log_prob_use_dynamic_bsz", False)
-    ref.ppo_max_token_len_per_gpu = ref.pop("log_prob_max_token_len_per_gpu", None)
-    ref_config = omega_conf_to_dataclass(ref)
-    engine_config = ref_config.engine
-    engine_config.use_dynamic_bsz = ref.use_dynamic_bsz
-    engine_config.infer_max_token_len_per_gpu = ref.ppo_max_token_len_per_gpu
-    engine_config.infer_micro_batch_size_per_gpu = ref.ppo_micro_batch_size_per_gpu
-    engine_config.use_remove_padding = model_config.get("use_remove_padding", False)
-    engine = EngineRegistry.new(model_type="language_model", backend=engine_config.strategy, model_config=model_config,
-                                engine_config=engine_config, optimizer_config=ref_config.optim,
-                                checkpoint_config=ref_config.checkpoint)
-    engine.initialize()
-    return engine
-
-
 def synthetic_batch(n_seqs: int, *, vocab: int, seed: int, prompt_len: tuple[int, int] = (3, 6),
                     response_len: tuple[int, int] = (2, 8)) -> dict[str, list]:
     """Per-sequence tensors as verl's agent loop writes them (prompts, responses, masks, ids, positions)."""
