@@ -31,6 +31,8 @@ setup(
         "uvicorn",
         "pyzmq",
         "msgspec",
+        # verl's V1 trainer (the one PeRL runs on) imports it unconditionally; verl lists it only in an extra
+        "transferqueue==0.1.11",
     ],
     extras_require={
         "gpu": ["vllm>=0.10", "flash-attn"],

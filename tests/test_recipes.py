@@ -49,7 +49,7 @@ PAPER = dict(
     norm_adv_by_std=True, dynamic_sampling=True, kl=False, n=8, prompt=512, response=16384,
     rank=32, alpha=64, dropout=0.05, targets=ALL_LINEAR, batch=128, mini=128, micro=4, log_prob_micro=4,
     steps=1024, n_gpus=8, nnodes=1, train_files=["dapo-math-17k.parquet"], val_files=["aime24.parquet"],
-    save_freq=128, keep=2, resume="auto", test_freq=-1, val_before_train=False,
+    save_freq=128, keep=2, resume="auto", test_freq=-1, val_before_train=False, trainer_mode="sync",
 )
 SCALE_7B = dict(model=R1_7B, batch=32, mini=32, micro=1, log_prob_micro=1, steps=8192, save_freq=512)
 OWN_TARGETS = {"full": [], "ia3": ["k_proj", "v_proj", "down_proj"],
@@ -89,6 +89,8 @@ RECIPES: dict[str, dict] = {
                                      val_files=["aime24.parquet", "aime25.parquet", "amc23.parquet"]),
     # arXiv 2504.20834 (token-efficient RL) on Qwen2-1.5B / SVAMP
     "sgrpo_lora_qwen2_1.5b": expect("lora", loss_mode="sgrpo", policy_loss="sgrpo", **SVAMP),
+    "tspmo_lora_qwen2_1.5b": expect("lora", **dict(SVAMP, loss_mode="tspmo", policy_loss="tspmo", adv_estimator="tspmo",
+                                                   loss_agg="seq-mean-token-sum", trainer_mode="perl_sync")),
 }
 
 
@@ -112,7 +114,7 @@ def observed(cfg, summary: dict) -> dict:
         n_gpus=trainer.n_gpus_per_node, nnodes=trainer.nnodes,
         train_files=files(r.data.train_files), val_files=files(r.data.val_files),
         save_freq=trainer.save_freq, keep=trainer.max_actor_ckpt_to_keep, resume=trainer.resume_mode,
-        test_freq=trainer.test_freq, val_before_train=trainer.val_before_train,
+        test_freq=trainer.test_freq, val_before_train=trainer.val_before_train, trainer_mode=trainer.v1.trainer_mode,
     )
 
 

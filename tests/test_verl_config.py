@@ -121,6 +121,22 @@ def test_recipe_file_and_token_efficient_loss(paths, tmp_path):
     assert r.ray_kwargs.ray_init.runtime_env.env_vars.PERL_SGRPO_K == 4
 
 
+def test_tspmo_runs_on_perls_sync_trainer_with_verls_dynamic_sampling(paths):
+    cfg = vc.compose({}, ready(paths, "perl.loss_mode=tspmo"))
+    r = vc.resolved(cfg)
+    assert r.trainer.v1.trainer_mode == vc.PERL_TRAINER_MODE == "perl_sync"
+    assert r.algorithm.adv_estimator == "tspmo" and r.actor_rollout_ref.actor.policy_loss.loss_mode == "tspmo"
+    assert r.actor_rollout_ref.actor.loss_agg_mode == "seq-mean-token-sum"
+    assert r.trainer.v1.sampler.custom_sampler.name == vc.SAMPLER_NAME  # DAPO's filter + cap, as for sync
+    assert r.ray_kwargs.ray_init.runtime_env.env_vars.VERL_USE_EXTERNAL_MODULES == "perl.algos.token_efficient"
+    vc.check(cfg, require_vllm=False)
+    # the corrections T-SPMO's step skips are fine where verl applies them in the actor instead
+    vc.check(vc.compose({}, ready(paths, "perl.loss_mode=tspmo", "algorithm.rollout_correction.rollout_is=token",
+                                  "algorithm.rollout_correction.bypass_mode=true")), require_vllm=False)
+    # other loss modes keep verl's own trainer
+    assert vc.compose({}, ready(paths)).trainer.v1.trainer_mode == "sync"
+
+
 ERRORS = [
     # (overrides, the text the error must contain)
     (["actor_rollout_ref.actor.clip_ratio_hgh=0.3"], "actor_rollout_ref.actor.clip_ratio_hgh"),
@@ -135,8 +151,9 @@ ERRORS = [
     (["peft.rank=0"], "peft.rank must be an integer >= 1"),
     (["peft.name=vera", "+actor_rollout_ref.actor.checkpoint.save_lora_only=true"], "resume would lose it"),
     (["perl.loss_mode=ppo"], "perl.loss_mode: 'ppo' is not one of token, sgrpo, tspmo"),
-    # verl 0.9.1's V1 advantage step has no response ids: refused, not silently trained as something else
-    (["perl.loss_mode=tspmo"], "perl.loss_mode=tspmo is not available on verl"),
+    # only PeRL's sync trainer hands T-SPMO the response ids
+    (["perl.loss_mode=tspmo", "trainer.v1.trainer_mode=colocate_async"],
+     "trainer.v1.trainer_mode=colocate_async: T-SPMO (adv_estimator=tspmo) runs on PeRL's sync trainer only"),
 ]
 
 
@@ -160,6 +177,10 @@ CHECK_ERRORS = [
     (["peft.name=pissa", "peft.adapter_sync=adapter", "actor_rollout_ref.rollout.load_format=auto"],
      "needs a dummy load format"),
     (["peft.adapter_sync=adapter", "actor_rollout_ref.rollout.checkpoint_engine.backend=nccl"], "needs the naive"),
+    # what verl's advantage step does and PeRL's T-SPMO step does not
+    (["perl.loss_mode=tspmo", "algorithm.use_kl_in_reward=true"], "algorithm.use_kl_in_reward=true: T-SPMO"),
+    (["perl.loss_mode=tspmo", "algorithm.rollout_correction.rollout_is=token"],
+     "algorithm.rollout_correction.rollout_is=token: the trainer-side rollout correction is not applied"),
 ]
 
 

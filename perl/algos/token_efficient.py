@@ -44,16 +44,15 @@ first), so the logits tensor is [n_selected, vocab] instead of [rows, response_l
 
 verl (0.9.1): `sgrpo` and `tspmo` are registered policy losses (`register_policy_loss`), `tspmo` an
 advantage estimator (`register_adv_est`). verl hands a custom estimator only token_level_rewards,
-response_mask, index and config - not the response token ids T-SPMO needs - so
-`install_verl_advantage_hook()` wraps `verl.trainer.ppo.ray_trainer.compute_advantage` to compute
-T-SPMO from the batch and defers to verl for every other estimator. Importing this module
-registers everything and installs the hook (at once if verl's modules are loaded, else when they
-are first imported, so importing this module does not import verl);
-`verl_overrides(loss_mode)` gives the hydra overrides that make verl import it in every Ray
-process (`VERL_USE_EXTERNAL_MODULES`; perl.verl_glue imports it as well). The verl
-path computes log-probs over the full response (verl's actor owns the forward), so there it gives
-the algorithm, not the memory saving; the CPU engine (`perl.local.engine`, `RLConfig.loss_mode`)
-gives both.
+response_mask, index and config - not the response token ids T-SPMO needs - so T-SPMO runs on
+PeRL's sync trainer (perl.verl_glue.trainer.PerlSyncTrainer), whose advantage step reads the ids
+from verl's TransferQueue and calls `tspmo_outcome_advantage`. Importing this module registers the
+losses and the estimator (at once if verl's core_algos is loaded, else when it is first imported,
+so importing this module does not import verl); `verl_overrides(loss_mode)` gives the hydra
+overrides that make verl import it in every Ray process (`VERL_USE_EXTERNAL_MODULES`;
+perl.verl_glue imports it as well). The verl path computes log-probs over the full response
+(verl's actor owns the forward), so there it gives the algorithm, not the memory saving; the CPU
+engine (`perl.local.engine`, `RLConfig.loss_mode`) gives both.
 """
 
 from __future__ import annotations
@@ -289,7 +288,7 @@ def selected_token_log_probs(model, seqs: torch.Tensor, attn: torch.Tensor, resp
 
 
 # ----------------------------------------------------------------------------------------------
-# verl: policy losses, the T-SPMO advantage estimator and its hook, hydra overrides
+# verl: policy losses, the T-SPMO advantage estimator, hydra overrides
 # ----------------------------------------------------------------------------------------------
 
 
@@ -333,45 +332,20 @@ def tspmo_policy_loss(old_log_prob, log_prob, advantages, response_mask, loss_ag
 
 def tspmo_outcome_advantage(token_level_rewards: torch.Tensor, response_mask: torch.Tensor, index=None,
                             config=None, responses: torch.Tensor | None = None, **_: Any):
-    """verl advantage estimator `tspmo` (advantages = returns = the pair advantages)."""
+    """verl advantage estimator `tspmo` (advantages = returns = the pair advantages).
+
+    Called by perl.verl_glue.trainer.PerlSyncTrainer with the response ids; registered as well so
+    that verl's own trainers, which cannot pass them, fail with this message instead of a lookup error."""
     if responses is None or index is None:
-        raise ValueError("adv_estimator=tspmo needs the response token ids and uids, which verl does not pass to "
-                         "custom estimators: import perl.algos.token_efficient in the driver (it installs "
-                         "install_verl_advantage_hook) - see verl_overrides('tspmo')")
+        raise ValueError("adv_estimator=tspmo needs the response token ids and uids, which verl's trainers do not "
+                         "pass to custom estimators: run it on PeRL's trainer (trainer.v1.trainer_mode=perl_sync, "
+                         "perl.verl_glue.trainer; perl.loss_mode=tspmo selects it)")
     lengths = response_mask.bool().sum(-1).tolist()
     ids = [responses[i, :n].tolist() for i, n in enumerate(lengths)]
     scores = token_level_rewards.sum(-1).tolist()
     adv, _ = tspmo_advantages(ids, scores, list(index), width=response_mask.shape[-1])
     adv = adv.to(device=token_level_rewards.device, dtype=token_level_rewards.dtype) * response_mask
     return adv, adv
-
-
-def install_verl_advantage_hook() -> bool:
-    """Wrap verl's `ray_trainer.compute_advantage` so adv_estimator=tspmo receives the batch (idempotent)."""
-    try:
-        from verl.trainer.ppo import ray_trainer
-    except Exception:  # verl (or ray) not importable: nothing to hook
-        return False
-    original = ray_trainer.compute_advantage
-    if getattr(original, "_perl_tspmo", False):
-        return True
-
-    @functools.wraps(original)
-    def compute_advantage(data, adv_estimator, *args, **kwargs):
-        name = getattr(adv_estimator, "value", adv_estimator)
-        if name != "tspmo":
-            return original(data, adv_estimator, *args, **kwargs)
-        if "response_mask" not in data.batch.keys():
-            data.batch["response_mask"] = ray_trainer.compute_response_mask(data)
-        adv, returns = tspmo_outcome_advantage(data.batch["token_level_rewards"], data.batch["response_mask"],
-                                               index=data.non_tensor_batch["uid"], responses=data.batch["responses"])
-        data.batch["advantages"] = adv
-        data.batch["returns"] = returns
-        return data
-
-    compute_advantage._perl_tspmo = True
-    ray_trainer.compute_advantage = compute_advantage
-    return True
 
 
 def register_with_verl() -> bool:
@@ -393,10 +367,11 @@ def verl_overrides(loss_mode: str, sgrpo: SGRPOConfig | None = None) -> list[str
     "token" returns [] (verl's defaults). The others pick the loss, its aggregation and estimator,
     forward the S-GRPO knobs to the Ray processes as environment variables, and make every Ray
     process import this module when it imports verl (VERL_USE_EXTERNAL_MODULES): the workers need
-    the registrations, the TaskRunner (where `RayPPOTrainer.fit` computes advantages) the T-SPMO
-    hook. `actor_rollout_ref.model.external_lib` is left to the entry point (perl.verl_glue, which
-    imports perl.algos too); an entry point that sets VERL_USE_EXTERNAL_MODULES itself must join
-    the module lists with a comma."""
+    the registrations. `actor_rollout_ref.model.external_lib` and, for tspmo, the trainer that can
+    compute its advantages (trainer.v1.trainer_mode=perl_sync) are left to the entry point
+    (perl.verl_glue.config); an entry point that sets VERL_USE_EXTERNAL_MODULES itself must join
+    the module lists with a comma. verl normalises the tspmo loss by its global count of responses
+    (seq-mean-token-sum), which is the CPU engine's tspmo_norm="sequences"."""
     if loss_mode not in LOSS_MODES:
         raise ValueError(f"loss_mode: {loss_mode!r} is not one of {LOSS_MODES}")
     if loss_mode == "token":
@@ -416,7 +391,6 @@ def verl_overrides(loss_mode: str, sgrpo: SGRPOConfig | None = None) -> list[str
 
 _ON_IMPORT = {  # verl module -> what to do once it is imported
     "verl.trainer.ppo.core_algos": lambda: register_with_verl(),
-    "verl.trainer.ppo.ray_trainer": lambda: install_verl_advantage_hook(),
 }
 
 

@@ -29,6 +29,9 @@ ENGINE_LIB = "perl.verl_glue.engine"
 REWARD_PATH = "pkg://perl.reward.verl_reward"
 SAMPLER_PATH = "pkg://perl.verl_glue.sampler"
 SAMPLER_NAME = "PerlReplayBuffer"
+# PeRL's sync trainer (perl.verl_glue.trainer): verl's, plus the T-SPMO advantage step.
+PERL_TRAINER_MODE = "perl_sync"
+SYNC_TRAINER_MODES = ("sync", PERL_TRAINER_MODE)
 
 ADAPTER_SYNC = ("merged", "adapter")
 SYNC_DTYPES = ("bfloat16", "float16", "float32")
@@ -219,15 +222,6 @@ def loss_mode_overrides(loss_mode: str, sgrpo: Any = None) -> tuple[DictConfig, 
 
     if loss_mode not in LOSS_MODES:
         raise ConfigError(f"perl.loss_mode: {loss_mode!r} is not one of {', '.join(LOSS_MODES)}")
-    if loss_mode == "tspmo":
-        # verl 0.9.1's V1 trainer (which PeRL needs for dynamic sampling) reads only uid, masks,
-        # scores and log-probs in PPOTrainer._compute_advantage, never `responses`, so T-SPMO's
-        # prefix matching would have no token ids; refuse rather than train something else.
-        raise ConfigError(
-            "perl.loss_mode=tspmo is not available on verl: verl 0.9.1's V1 trainer computes advantages "
-            "without the response token ids that T-SPMO's prefix matching needs. Use it in the "
-            "single-machine engine (perl train --config examples/toy.yaml rl.loss_mode=tspmo), or "
-            "perl.loss_mode=sgrpo here")
     if sgrpo is not None and loss_mode != "sgrpo":
         raise ConfigError(f"perl.sgrpo is set but perl.loss_mode={loss_mode}; it applies to loss_mode=sgrpo only")
     try:
@@ -330,6 +324,14 @@ def derive(cfg: DictConfig) -> None:
                           f"adapter has others, so resume would lose it. Leave it false, or use one of "
                           f"{', '.join(LORA_KEYED_METHODS)}")
 
+    if cfg.algorithm.adv_estimator == "tspmo":
+        # only PeRL's trainer hands T-SPMO the response token ids (perl.verl_glue.trainer)
+        mode = cfg.trainer.v1.trainer_mode
+        if mode not in SYNC_TRAINER_MODES:
+            raise ConfigError(f"trainer.v1.trainer_mode={mode}: T-SPMO (adv_estimator=tspmo) runs on PeRL's sync "
+                              f"trainer only; use one of {', '.join(SYNC_TRAINER_MODES)}")
+        cfg.trainer.v1.trainer_mode = PERL_TRAINER_MODE
+
     rebase_data_files(cfg)
     updates = updates_per_step(cfg)
     total = cfg.trainer.total_training_steps
@@ -362,7 +364,7 @@ def derive(cfg: DictConfig) -> None:
 
     fg = cfg.algorithm.filter_groups
     sampler = cfg.trainer.v1.sampler
-    if fg.enable and cfg.trainer.v1.trainer_mode == "sync" and not sampler.custom_sampler.path:
+    if fg.enable and cfg.trainer.v1.trainer_mode in SYNC_TRAINER_MODES and not sampler.custom_sampler.path:
         # verl's V1 ReplayBuffer does DAPO's filtering and refill; PeRL's subclass adds the cap
         # (max_num_gen_batches) that the built-in buffer ignores.
         with open_dict(sampler):
@@ -468,7 +470,18 @@ def check_rollout(cfg: DictConfig, *, require_vllm: bool = True) -> None:
 
 
 def check_algorithm(cfg: DictConfig) -> None:
-    fg = cfg.algorithm.filter_groups
+    algo = cfg.algorithm
+    if algo.adv_estimator == "tspmo":  # PerlSyncTrainer's T-SPMO step does neither of these
+        if algo.use_kl_in_reward:
+            raise ConfigError("algorithm.use_kl_in_reward=true: T-SPMO credits the outcome reward only; set it false "
+                              "(a KL term can go in the loss: actor_rollout_ref.actor.use_kl_loss)")
+        rc = algo.get("rollout_correction")
+        for key in ("rollout_is", "rollout_rs"):  # bypass mode corrects in the actor, not the advantage step
+            if rc is not None and rc.get(key) is not None and not rc.get("bypass_mode", False):
+                raise ConfigError(f"algorithm.rollout_correction.{key}={rc.get(key)}: the trainer-side rollout "
+                                  "correction is not applied with T-SPMO advantages; set it null, or "
+                                  "algorithm.rollout_correction.bypass_mode=true")
+    fg = algo.filter_groups
     if fg.enable:
         if not fg.metric:
             raise ConfigError("algorithm.filter_groups.metric must be set when dynamic sampling is on (PeRL's reward "

@@ -2,7 +2,8 @@
 
 Composes verl's hydra config with the PeRL `peft:` block and the paper's DAPO defaults, checks it
 (every check that can run before Ray starts), and hands it to verl's own PPO runner
-(`verl.trainer.main_ppo.run_ppo` with its V1 task runner, as `python -m verl.trainer.main_ppo` does).
+(`verl.trainer.main_ppo.run_ppo` with verl's V1 task runner, as `python -m verl.trainer.main_ppo` does;
+PeRL's subclass of it, perl.verl_glue.trainer.PerlTaskRunner, also registers the T-SPMO trainer).
 `--dry-run` prints the resolved configuration and the adapted model's trainable-parameter summary
 and stops: no Ray, no vLLM, no GPU needed.
 """
@@ -64,17 +65,18 @@ def prepare(argv: list[str]):
 
 def run(cfg) -> None:
     """Start verl's trainer on a composed, checked config (what verl.trainer.main_ppo.main does)."""
-    from verl.trainer.main_ppo import TaskRunnerV1, run_ppo
+    from verl.trainer.main_ppo import run_ppo
     from verl.utils.device import auto_set_device
 
     import perl.verl_glue.engine  # noqa: F401  (engine registration in the driver too)
+    from perl.verl_glue.trainer import PerlTaskRunner
 
     auto_set_device(cfg)
     if not cfg.trainer.use_v1:
         from perl.verl_glue.config import ConfigError
 
         raise ConfigError("trainer.use_v1=false: PeRL runs on verl's V1 trainer (dynamic sampling lives there)")
-    run_ppo(cfg, task_runner_class=TaskRunnerV1)
+    run_ppo(cfg, task_runner_class=PerlTaskRunner)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,126 @@
+"""PeRL's V1 trainer (perl.verl_glue.trainer) against a real Ray + TransferQueue on CPU.
+
+T-SPMO on verl needs the response token ids in the advantage step, which verl's own trainer never
+reads. What is checked here, without vLLM or a GPU:
+- the T-SPMO advantages PerlSyncTrainer writes back to the TransferQueue for rollouts stored the
+  way verl's agent loop stores them (one key per trajectory, jagged tensors), against a
+  hand-computed group;
+- every other estimator is verl's own step, unchanged (compared with verl's PPOTrainerSync);
+- the trainer is registered inside the task runner's own Ray process, where verl looks it up;
+- the sync behaviour verl's base class keys on `trainer_mode == "sync"`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+ray = pytest.importorskip("ray")
+tq = pytest.importorskip("transfer_queue")
+
+from verl.trainer.ppo.v1 import PPOTrainerSync, get_trainer_cls  # noqa: E402
+from verl.utils.tensordict_utils import list_of_dict_to_tensordict  # noqa: E402
+
+from perl.verl_glue import config as vc  # noqa: E402
+from perl.verl_glue.trainer import PerlSyncTrainer, PerlTaskRunner  # noqa: E402
+
+# Two prompts, G=3 each, rows interleaved (grouping is by uid, not by position). Prompt "a":
+# responses 5 6 7 (reward 1), 5 6 8 (0), 5 9 (0). Hand-computed T-SPMO advantages, pair by pair:
+#   ()->5     all three: 1/3 - 1/3            = 0        (row 0, t 0)
+#   (5)->6    rows 0,1: 1/2 - mean(1,0,0)     = +1/6     (row 0, t 1)
+#   (5)->9    row 2:    0   - 1/3             = -1/3     (row 2, t 1)
+#   (5,6)->7  row 0:    1   - mean(1,0)       = +1/2     (row 0, t 2)
+#   (5,6)->8  row 1:    0   - 1/2             = -1/2     (row 1, t 2)
+# A pair is credited once, at the first row that contains it. Prompt "b": equal rewards, all zero.
+ROWS = [  # (uid, session, response ids, reward)
+    ("a", 0, [5, 6, 7], 1.0),
+    ("b", 0, [3, 4], 1.0),
+    ("a", 1, [5, 6, 8], 0.0),
+    ("b", 1, [3, 4, 4, 2], 1.0),
+    ("a", 2, [5, 9], 0.0),
+    ("b", 2, [3], 1.0),
+]
+TSPMO_WANT = [[0.0, 1 / 6, 0.5], [0.0, 0.0], [0.0, 0.0, -0.5], [0.0] * 4, [0.0, -1 / 3], [0.0]]
+
+
+@pytest.fixture(scope="module")
+def queue():
+    """A local Ray with TransferQueue's controller and storage units (three 1-CPU actors)."""
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, object_store_memory=256 * 2**20)
+    try:
+        tq.init()
+        yield tq
+        tq.close()
+    finally:
+        ray.shutdown()
+
+
+def put_rollouts(partition: str):
+    """Store ROWS as verl's AgentLoopWorkerTQ does: key {uid}_{session}_{index}, one put per trajectory."""
+    keys = []
+    for uid, session, ids, reward in ROWS:
+        n = len(ids)
+        scores = torch.zeros(n)
+        scores[-1] = reward  # verl puts the outcome reward on the last response token
+        field = {"prompts": torch.tensor([1, 2]), "responses": torch.tensor(ids), "response_mask": torch.ones(n, dtype=torch.int64),
+                 "rm_scores": scores, "old_log_probs": torch.full((n,), -1.0), "uid": uid}
+        key = f"{uid}_{session}_0"
+        tq.kv_batch_put(keys=[key], partition_id=partition, fields=list_of_dict_to_tensordict([field]))
+        keys.append(key)
+    return tq.KVBatchMeta(keys=keys, tags=[{"status": "success"} for _ in keys], partition_id=partition)
+
+
+def trainer(cls, overrides):
+    """A trainer with only what the advantage step reads (its __init__ builds GPU worker groups)."""
+    t = object.__new__(cls)
+    t.config = vc.compose(None, overrides)
+    return t
+
+
+def advantages(batch) -> list[list[float]]:
+    got = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["advantages", "returns"])
+    adv = [row.tolist() for row in got["advantages"].unbind()]
+    assert [row.tolist() for row in got["returns"].unbind()] == adv
+    return adv
+
+
+def test_tspmo_advantages_through_the_transfer_queue(queue):
+    t = trainer(PerlSyncTrainer, ["perl.loss_mode=tspmo", "actor_rollout_ref.rollout.n=3"])
+    assert t.config.algorithm.adv_estimator == "tspmo"
+    metrics: dict = {}
+    batch = t._compute_advantage(put_rollouts("tspmo"), metrics)
+    got = advantages(batch)
+    assert [len(r) for r in got] == [len(ids) for _, _, ids, _ in ROWS]
+    for g, w in zip(got, TSPMO_WANT):
+        assert g == pytest.approx(w, abs=1e-6)
+    assert metrics["perl/tspmo_live_pair_frac"] == pytest.approx(4 / 15)  # 4 live pairs over 15 response tokens
+
+
+def test_other_estimators_are_verls_own_step(queue):
+    overrides = ["actor_rollout_ref.rollout.n=3"]
+    ours = advantages(trainer(PerlSyncTrainer, overrides)._compute_advantage(put_rollouts("grpo_perl"), {}))
+    verls = advantages(trainer(PPOTrainerSync, overrides)._compute_advantage(put_rollouts("grpo_verl"), {}))
+    assert ours == verls
+    # GRPO: (r - mean) / std over the group, on every token; not the T-SPMO values
+    assert ours[0] == pytest.approx([(1 - 1 / 3) / (1 / 3) ** 0.5] * 3, abs=1e-4) and ours[1] == [0.0, 0.0]
+
+
+def test_task_runner_registers_the_trainer_in_its_own_process(queue):
+    def lookup(_runner):
+        from verl.trainer.ppo.v1 import get_trainer_cls
+
+        return os.getpid(), get_trainer_cls(vc.PERL_TRAINER_MODE).__qualname__
+
+    runner = PerlTaskRunner.remote()
+    pid, name = ray.get(runner.__ray_call__.remote(lookup), timeout=240)
+    assert pid != os.getpid() and name == "PerlSyncTrainer"
+    ray.kill(runner)
+
+
+def test_the_trainer_is_verls_sync_trainer_to_the_base_class():
+    assert get_trainer_cls(vc.PERL_TRAINER_MODE) is PerlSyncTrainer and issubclass(PerlSyncTrainer, PPOTrainerSync)
+    t = object.__new__(PerlSyncTrainer)
+    t.trainer_mode = vc.PERL_TRAINER_MODE  # what verl's __init__ assigns from the config
+    assert t.trainer_mode == "sync"
