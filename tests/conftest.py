@@ -60,3 +60,27 @@ def arch(request):
 def toy_cache(tmp_path_factory):
     """One cache directory for the toy cold start across the session (built once, ~45 s)."""
     return str(tmp_path_factory.mktemp("perl-cache"))
+
+
+@pytest.fixture(scope="session")
+def transfer_queue():
+    """verl's V1 storage for real: a local Ray with TransferQueue's controller and two storage
+    units (three 1-CPU actors, hence num_cpus=4 logical CPUs on a 2-core box). Each test leaves it
+    empty (`empty_queue`)."""
+    ray = pytest.importorskip("ray")
+    tq = pytest.importorskip("transfer_queue")
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, object_store_memory=256 * 2**20)
+    try:
+        tq.init()
+        yield tq
+        tq.close()
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture()
+def empty_queue(transfer_queue):
+    yield transfer_queue
+    for partition, items in (transfer_queue.kv_list() or {}).items():
+        if items:
+            transfer_queue.kv_clear(keys=list(items), partition_id=partition)

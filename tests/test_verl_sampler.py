@@ -2,14 +2,13 @@
 
 The sampling logic under test is verl's own (`ReplayBuffer.sample`: evict finished groups whose
 metric is equal across the group, refill, drain, select, discard the surplus) plus PeRL's subclass
-(`PerlReplayBuffer`: the max_num_gen_batches cap). Only its storage, TransferQueue (a Ray-backed KV
-store, not installed on CPU boxes), is replaced by an in-memory store with the same calls; the
-"rollout" writes synthetic groups with scripted `acc` rewards.
+(`PerlReplayBuffer`: the max_num_gen_batches cap), on verl's real storage (TransferQueue on a local
+Ray, the `empty_queue` fixture of conftest). The "rollout" writes synthetic groups with scripted
+`acc` rewards the way verl's agent loop does: a prompt key tagged with its status, one key per
+trajectory with its `extra_fields`.
 """
 
 import itertools
-import sys
-import types
 import uuid
 
 import pytest
@@ -17,72 +16,38 @@ import pytest
 G = 8  # rollouts per prompt
 
 
-class MemoryKV:
-    """The TransferQueue calls the replay buffer makes (kv_list / kv_batch_get / kv_clear)."""
-
-    def __init__(self):
-        self.tags: dict[str, dict[str, dict]] = {}
-        self.values: dict[str, dict[str, dict]] = {}
-
-    def kv_list(self):
-        return {p: dict(items) for p, items in self.tags.items()}
-
-    def kv_batch_put(self, keys, partition_id, tags=None, fields=None):
-        for i, key in enumerate(keys):
-            self.tags.setdefault(partition_id, {})[key] = dict(tags[i]) if tags else {}
-            if fields is not None:
-                self.values.setdefault(partition_id, {})[key] = fields[i]
-
-    def kv_batch_get(self, keys, partition_id, select_fields):
-        (field,) = select_fields
-        return {field: [self.values[partition_id][k][field] for k in keys]}
-
-    def kv_clear(self, partition_id, keys):
-        for key in keys:
-            self.tags.get(partition_id, {}).pop(key, None)
-            self.values.get(partition_id, {}).pop(key, None)
-
-
-class KVBatchMeta:
-    def __init__(self, partition_id, keys, tags):
-        self.partition_id, self.keys, self.tags = partition_id, keys, tags
-
-
 @pytest.fixture()
-def replay(monkeypatch):
-    try:
-        import transfer_queue  # noqa: F401  (installed with verl[vllm] on GPU nodes)
-    except ImportError:
-        stub = types.ModuleType("transfer_queue")
-        stub.KVBatchMeta = KVBatchMeta
-        monkeypatch.setitem(sys.modules, "transfer_queue", stub)
-    import verl.trainer.ppo.v1.replay_buffer as rb
+def replay(empty_queue):
+    from verl.utils.tensordict_utils import list_of_dict_to_tensordict
 
     from perl.verl_glue import sampler
 
-    store = MemoryKV()
-    monkeypatch.setattr(rb, "tq", store)
-    monkeypatch.setattr(rb, "KVBatchMeta", KVBatchMeta)
-    return sampler, store
+    return sampler, empty_queue, list_of_dict_to_tensordict
 
 
 class Rollout:
     """Writes finished groups of G trajectories whose acc follows a script of group kinds."""
 
-    def __init__(self, store: MemoryKV, kinds):
-        self.store, self.kinds, self.made = store, iter(kinds), []
+    def __init__(self, replay, kinds):
+        _, self.tq, self.to_tensordict = replay
+        self.kinds, self.made = iter(kinds), []
 
     def add(self, n: int) -> int:
         for _ in range(n):
             kind = next(self.kinds)
             uid = uuid.uuid4().hex
             accs = {"zero": [0.0] * G, "one": [1.0] * G, "mixed": [1.0, 0.0] * (G // 2)}[kind]
-            self.store.kv_batch_put([uid], "train", tags=[{"is_prompt": True, "status": "finished", "global_steps": 1}])
             keys = [f"{uid}_{i}_0" for i in range(G)]
-            self.store.kv_batch_put(keys, "train", tags=[{"status": "success", "global_steps": 1}] * G,
-                                    fields=[{"extra_fields": {"reward_extra_info": {"acc": a}}} for a in accs])
+            fields = [{"extra_fields": {"reward_extra_info": {"acc": a}}} for a in accs]
+            self.tq.kv_batch_put(keys=keys, partition_id="train", fields=self.to_tensordict(fields),
+                                 tags=[{"status": "success", "global_steps": 1} for _ in keys])
+            self.tq.kv_put(key=uid, partition_id="train", tag={"is_prompt": True, "status": "finished", "global_steps": 1})
             self.made.append((uid, kind))
         return n
+
+
+def stored_uids(tq) -> set[str]:
+    return {key.split("_")[0] for key in (tq.kv_list().get("train") or {})}
 
 
 def make_buffer(sampler, rollout: Rollout, batch: int, cap: int):
@@ -94,11 +59,11 @@ def make_buffer(sampler, rollout: Rollout, batch: int, cap: int):
 
 
 def test_uniform_groups_are_removed_and_the_batch_is_refilled_to_size(replay):
-    sampler, store = replay
+    sampler, tq, _ = replay
     batch = 4
     # first batch: 3 of 4 groups carry no signal; the refills bring mixed groups in slowly
     script = ["zero", "mixed", "one", "zero"] + ["one", "mixed", "zero", "mixed"] * 5
-    rollout = Rollout(store, script)
+    rollout = Rollout(replay, script)
     buffer = make_buffer(sampler, rollout, batch, cap=10)
     rollout.add(batch)  # what the trainer's prepare_step submits
     meta, metrics = buffer.sample(global_steps=1, partition_id="train", batch_size=batch)
@@ -109,7 +74,8 @@ def test_uniform_groups_are_removed_and_the_batch_is_refilled_to_size(replay):
     assert len(meta.keys) == batch * G  # every rollout of each selected group
     evicted = [u for u, k in rollout.made if k != "mixed"]
     assert metrics["training/filter_groups/evicted_samples"] == len(evicted)
-    assert not any(key.split("_")[0] in evicted for key in store.tags.get("train", {}))  # dropped from storage
+    stored = stored_uids(tq)
+    assert uids <= stored and not stored & set(evicted)  # the batch stays for training, the evicted are dropped
     assert buffer.refilled_prompts == len(rollout.made) - batch > 0
     assert metrics["training/filter_groups/refilled_prompts"] == buffer.refilled_prompts
     # surplus mixed groups generated by the last refill were discarded, not kept for later
@@ -118,9 +84,9 @@ def test_uniform_groups_are_removed_and_the_batch_is_refilled_to_size(replay):
 
 
 def test_generation_stops_at_the_cap_when_groups_never_differ(replay):
-    sampler, store = replay
+    sampler = replay[0]
     batch, cap = 4, 3
-    rollout = Rollout(store, itertools.cycle(["zero", "one"]))
+    rollout = Rollout(replay, itertools.cycle(["zero", "one"]))
     buffer = make_buffer(sampler, rollout, batch, cap=cap)
     rollout.add(batch)
     with pytest.raises(sampler.DynamicSamplingExhausted, match="max_num_gen_batches"):
@@ -129,9 +95,9 @@ def test_generation_stops_at_the_cap_when_groups_never_differ(replay):
 
 
 def test_without_cap_verl_keeps_generating(replay):
-    sampler, store = replay
+    sampler = replay[0]
     batch = 2
-    rollout = Rollout(store, ["zero"] * 30 + ["mixed", "mixed"])
+    rollout = Rollout(replay, ["zero"] * 30 + ["mixed", "mixed"])
     buffer = make_buffer(sampler, rollout, batch, cap=0)
     rollout.add(batch)
     meta, _ = buffer.sample(global_steps=1, partition_id="train", batch_size=batch)

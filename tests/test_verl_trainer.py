@@ -18,7 +18,7 @@ import pytest
 import torch
 
 ray = pytest.importorskip("ray")
-tq = pytest.importorskip("transfer_queue")
+tq = pytest.importorskip("transfer_queue")  # the `transfer_queue` fixture (conftest) starts it
 
 from verl.trainer.ppo.v1 import PPOTrainerSync, get_trainer_cls  # noqa: E402
 from verl.utils.tensordict_utils import list_of_dict_to_tensordict  # noqa: E402
@@ -43,18 +43,6 @@ ROWS = [  # (uid, session, response ids, reward)
     ("b", 2, [3], 1.0),
 ]
 TSPMO_WANT = [[0.0, 1 / 6, 0.5], [0.0, 0.0], [0.0, 0.0, -0.5], [0.0] * 4, [0.0, -1 / 3], [0.0]]
-
-
-@pytest.fixture(scope="module")
-def queue():
-    """A local Ray with TransferQueue's controller and storage units (three 1-CPU actors)."""
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, object_store_memory=256 * 2**20)
-    try:
-        tq.init()
-        yield tq
-        tq.close()
-    finally:
-        ray.shutdown()
 
 
 def put_rollouts(partition: str):
@@ -86,7 +74,7 @@ def advantages(batch) -> list[list[float]]:
     return adv
 
 
-def test_tspmo_advantages_through_the_transfer_queue(queue):
+def test_tspmo_advantages_through_the_transfer_queue(empty_queue):
     t = trainer(PerlSyncTrainer, ["perl.loss_mode=tspmo", "actor_rollout_ref.rollout.n=3"])
     assert t.config.algorithm.adv_estimator == "tspmo"
     metrics: dict = {}
@@ -98,7 +86,7 @@ def test_tspmo_advantages_through_the_transfer_queue(queue):
     assert metrics["perl/tspmo_live_pair_frac"] == pytest.approx(4 / 15)  # 4 live pairs over 15 response tokens
 
 
-def test_other_estimators_are_verls_own_step(queue):
+def test_other_estimators_are_verls_own_step(empty_queue):
     overrides = ["actor_rollout_ref.rollout.n=3"]
     ours = advantages(trainer(PerlSyncTrainer, overrides)._compute_advantage(put_rollouts("grpo_perl"), {}))
     verls = advantages(trainer(PPOTrainerSync, overrides)._compute_advantage(put_rollouts("grpo_verl"), {}))
@@ -107,7 +95,7 @@ def test_other_estimators_are_verls_own_step(queue):
     assert ours[0] == pytest.approx([(1 - 1 / 3) / (1 / 3) ** 0.5] * 3, abs=1e-4) and ours[1] == [0.0, 0.0]
 
 
-def test_task_runner_registers_the_trainer_in_its_own_process(queue):
+def test_task_runner_registers_the_trainer_in_its_own_process(transfer_queue):
     def lookup(_runner):
         from verl.trainer.ppo.v1 import get_trainer_cls
 
