@@ -223,12 +223,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if not os.path.exists(args.config):
         print(f"error: --config: {args.config} does not exist", file=sys.stderr)
         return 2
-    cfg = OmegaConf.merge(OmegaConf.load(args.config), OmegaConf.from_dotlist(args.overrides))
+    from perl.local.recipe import load_config, train
+
+    cfg = load_config(args.config, args.overrides)
     if "toy" not in cfg and "model" not in cfg:  # a verl recipe: the distributed entry point
         from perl.verl_glue.entry import main as verl_main
 
         return verl_main(["--config", args.config, *(["--dry-run"] if args.dry_run else []), *args.overrides])
-    from perl.local.recipe import train
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
     print(OmegaConf.to_yaml(cfg, resolve=True))
@@ -237,8 +238,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     summary = train(resolved)
     k, n = summary["eval_k"], summary["eval_problems"]
     print(f"held-out Avg@{k} ({n} problems): {summary['eval_before']:.3f} -> {summary['eval_after']:.3f} "
-          f"({summary['gain']:+.3f}); adapter, metrics.jsonl, reward_curve.png, results.json and summary.json "
-          f"in {resolved['out_dir']}")
+          f"({summary['gain']:+.3f}); adapter, config.json, metrics.jsonl, reward_curve.png, results.json and "
+          f"summary.json in {resolved['out_dir']}")
     return 0
 
 

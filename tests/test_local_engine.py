@@ -136,3 +136,15 @@ def test_toy_run_learns_shorter_version(toy_cache, tmp_path):
     metrics = [json.loads(x) for x in open(out / "metrics.jsonl")]
     assert len(metrics) == 150 and all(m["kept_groups"] > 0 for m in metrics)
     assert (out / "reward_curve.png").exists() and (out / "adapter" / "adapter_config.json").exists()
+    # the run directory keeps the config it trained with; resuming it under other settings is refused
+    # before any work, and the record names what changed (a relabel or another save interval is fine)
+    from omegaconf import OmegaConf
+
+    from perl.local.recipe import load_config, run_config_changes, train
+
+    recorded = json.loads((out / "config.json").read_text())
+    assert recorded["method"]["name"] == "lora" and recorded["rl"]["steps"] == 150
+    same = OmegaConf.to_container(load_config(cmd[5], cmd[6:]), resolve=True)
+    assert run_config_changes(str(out), dict(same, label="relabelled", save_every=7)) == []
+    with pytest.raises(ValueError, match=r"holds a run with other settings \(method\.name: lora -> dora\)"):
+        train(dict(same, method=dict(same["method"], name="dora")), progress=False)

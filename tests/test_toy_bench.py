@@ -71,11 +71,14 @@ def test_bench_toy_plots_and_resumes(bench, toy_cache):
     stdout = _perl(["bench", "toy", "--methods", *VARIANTS, "--out", str(out), *SMALL], toy_cache)
     assert {m: (out / m / "summary.json").stat().st_mtime for m in mtimes} == mtimes  # finished runs reused
     assert "[1/3]" not in stdout
-    # other settings must not silently reuse a finished run
+    # other settings must not silently reuse a finished run: RL settings, and the data or the method's
+    # (once only rl: was compared, so another evaluation set reused the old numbers)
     env = dict(os.environ, HF_HUB_OFFLINE="1", PERL_CACHE=toy_cache)
-    proc = subprocess.run([sys.executable, "-m", "perl.cli", "bench", "toy", "--methods", "lora", "--out", str(out),
-                           *SMALL, "rl.lr=1e-3"], capture_output=True, text=True, env=env, cwd=ROOT)
-    assert proc.returncode == 2 and "other RL settings" in proc.stderr, proc.stderr[-2000:]
+    for change, named in (("rl.lr=1e-3", "rl.lr: 0.0005 -> 0.001"), ("data.eval_size=31", "data.eval_size: 30 -> 31"),
+                          ("method.rank=4", "method.rank: 8 -> 4")):
+        proc = subprocess.run([sys.executable, "-m", "perl.cli", "bench", "toy", "--methods", "lora", "--out",
+                               str(out), *SMALL, change], capture_output=True, text=True, env=env, cwd=ROOT)
+        assert proc.returncode == 2 and f"other settings than requested ({named})" in proc.stderr, proc.stderr[-2000:]
     assert (out / "lora" / "summary.json").stat().st_mtime == mtimes["lora"]
 
 

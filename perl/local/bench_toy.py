@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
-from dataclasses import asdict
 from typing import Any
 
 from omegaconf import OmegaConf
@@ -37,7 +35,9 @@ def parse_variant(name: str) -> tuple[str, str]:
 
 def toy_config(config_path: str, variant: str, out_dir: str, overrides: list[str]) -> dict[str, Any]:
     method, loss = parse_variant(variant)
-    cfg = OmegaConf.merge(OmegaConf.load(config_path), OmegaConf.from_dotlist(overrides))
+    from .recipe import load_config
+
+    cfg = load_config(config_path, overrides)
     cfg.method.name = method
     cfg.out_dir = out_dir
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -49,22 +49,13 @@ def toy_config(config_path: str, variant: str, out_dir: str, overrides: list[str
     return resolved
 
 
-def _same_settings(summary: dict[str, Any], cfg: dict[str, Any]) -> bool:
-    """A finished run counts only if it trained with the requested RL settings (a changed config or
-    override must not silently reuse an old run)."""
-    from .engine import RLConfig
-
-    want = asdict(RLConfig(**cfg["rl"], seed=int(cfg.get("seed", 0))))
-    return all(summary["config"].get(k) == v for k, v in want.items() if k != "metrics")
-
-
 def bench_toy(config_path: str, methods: list[str], out: str, overrides: list[str] | None = None,
               progress: bool = True) -> dict[str, Any]:
     """Train every variant in `methods` (METHOD or METHOD@LOSS; finished runs are reused), then write
     the table and plots."""
     from perl.analysis.tables import write_tables
 
-    from .recipe import train
+    from .recipe import run_config_changes, train
 
     overrides = list(overrides or [])
     configs = {m: toy_config(config_path, m, os.path.join(out, m), overrides) for m in methods}  # checks names
@@ -73,26 +64,22 @@ def bench_toy(config_path: str, methods: list[str], out: str, overrides: list[st
         run_dir = os.path.join(out, method)
         done = os.path.join(run_dir, "summary.json")
         if os.path.exists(done) and os.path.exists(os.path.join(run_dir, "results.json")):
-            summary = json.load(open(done))
-            if not _same_settings(summary, configs[method]):
-                raise ValueError(f"{run_dir} finished with other RL settings than requested ({summary['config']}); "
+            changes = run_config_changes(run_dir, configs[method])
+            if changes != []:  # None: no record of what it trained with
+                what = "; ".join(changes) if changes else "no record of its settings (config.json)"
+                raise ValueError(f"{run_dir} finished with other settings than requested ({what}); "
                                  "use another --out, or delete that run to retrain it")
-            seconds = summary.get("wall_s")
+            summary = json.load(open(done))
         else:
             if progress:
                 print(f"[{i + 1}/{len(methods)}] {method}", flush=True)
-            t0 = time.perf_counter()
             summary = train(configs[method], progress=progress)
-            seconds = time.perf_counter() - t0
-            summary["wall_s"] = seconds
-            with atomic_file(done) as tmp, open(tmp, "w") as f:
-                json.dump(summary, f, indent=2)
         rows.append({"method": method, "label": configs[method].get("label", method), "before": summary["eval_before"], "after": summary["eval_after"],
                      "gain": summary["gain"], "trainable_percent": summary["trainable_percent"],
-                     "lr": summary["config"]["lr"], "wall_s": seconds})
+                     "lr": summary["config"]["lr"], "wall_s": summary.get("wall_s")})
     run_dirs = [os.path.join(out, methods[0], "eval_before")] + [os.path.join(out, m) for m in methods]
     paths = write_tables(run_dirs, os.path.join(out, "tables"))
     report = {"runs": rows, "tables": paths, "config": config_path, "overrides": overrides}
-    with open(os.path.join(out, "bench_toy.json"), "w") as f:
+    with atomic_file(os.path.join(out, "bench_toy.json")) as tmp, open(tmp, "w") as f:
         json.dump(report, f, indent=2)
     return report

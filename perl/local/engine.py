@@ -405,6 +405,7 @@ def run(policy, rollout_model, tokenizer, train_rows, eval_rows, cfg: RLConfig, 
 
     `out_dir/results.json` (after) and `out_dir/eval_before/results.json` (the cold start) are
     `perl eval` results, so `perl table` reads toy runs like any evaluation."""
+    started = time.perf_counter()
     os.makedirs(out_dir, exist_ok=True)
     engine = LocalRL(policy, rollout_model, tokenizer, train_rows, cfg, reward=reward)
     engine.rollout_base = copy.deepcopy(rollout_model)  # pristine base for reloading checkpoints
@@ -448,7 +449,8 @@ def run(policy, rollout_model, tokenizer, train_rows, eval_rows, cfg: RLConfig, 
     plot_curve(log_path, os.path.join(out_dir, "reward_curve.png"))
     summary = {"method": policy.name, "eval_before": before, "eval_after": after, "gain": after - before,
                "eval_k": eval_k, "eval_problems": len(eval_rows), "trainable_percent": policy.trainable_percent(),
-               "resumed": resumed, "config": asdict(cfg)}
+               "resumed": resumed, "config": asdict(cfg),
+               "wall_s": time.perf_counter() - started}  # this call: evaluations + the steps it trained
     from perl.io import atomic_file
 
     with atomic_file(summary_path) as tmp, open(tmp, "w") as f:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -18,6 +20,61 @@ import torch
 DATA_KEYS = {"task", "train_size", "eval_size", "eval_k", "digits", "ops", "template", "train", "eval"}
 MODEL_KEYS = {"path", "package", "gguf_file", "tokenizer"}
 TOP_KEYS = {"toy", "model", "data", "reward", "method", "rl", "out_dir", "seed", "save_every", "label"}
+
+
+RUN_CONFIG = "config.json"  # the resolved config a run directory was trained with
+# Keys that do not change what a run trains (where it is, how it is labelled, how often it saves).
+UNTRAINED_KEYS = ("out_dir", "label", "save_every")
+
+
+def _flat(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(cfg, dict):
+        return {prefix: cfg}
+    out: dict[str, Any] = {}
+    for key, value in cfg.items():
+        out.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def run_config_changes(out_dir: str, cfg: dict[str, Any]) -> list[str] | None:
+    """What differs between `cfg` and the config `out_dir` was trained with, as "key: old -> new"
+    lines ([] if nothing); None when `out_dir` holds no record."""
+    path = os.path.join(out_dir, RUN_CONFIG)
+    if not os.path.exists(path):
+        return None
+    old = _flat({k: v for k, v in json.load(open(path)).items() if k not in UNTRAINED_KEYS})
+    new = _flat({k: v for k, v in json.loads(json.dumps(cfg)).items() if k not in UNTRAINED_KEYS})
+    unset = "(unset)"  # a key on one side only differs even where the other side's value is null
+    return [f"{k}: {old.get(k, unset)} -> {new.get(k, unset)}"
+            for k in sorted(set(old) | set(new)) if (k in old, old.get(k)) != (k in new, new.get(k))]
+
+
+def claim_run_dir(cfg: dict[str, Any]) -> None:
+    """A run directory holds one run: resuming it under other settings would mix two runs (a
+    checkpoint of one method, the optimizer of another). Refuse a change once the directory has
+    trained (a checkpoint or a summary); otherwise (re)record the config."""
+    from perl.io import atomic_file
+
+    from .engine import CHECKPOINT
+
+    out_dir = cfg["out_dir"]
+    changes = run_config_changes(out_dir, cfg)
+    trained = any(os.path.exists(os.path.join(out_dir, name)) for name in (CHECKPOINT, "summary.json"))
+    if changes and trained:
+        raise ValueError(f"out_dir {out_dir} holds a run with other settings ({'; '.join(changes)}); "
+                         "use another out_dir, or delete that one to start over")
+    if changes != []:
+        os.makedirs(out_dir, exist_ok=True)
+        with atomic_file(os.path.join(out_dir, RUN_CONFIG)) as tmp, open(tmp, "w") as f:
+            json.dump(cfg, f, indent=2)
+
+
+def load_config(path: str, overrides: Sequence[str] = ()):
+    """A `perl train` YAML with hydra-style key=value overrides (an OmegaConf DictConfig, unresolved,
+    so that callers can still set keys that others interpolate, such as method.name in out_dir)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.merge(OmegaConf.load(path), OmegaConf.from_dotlist(list(overrides)))
 
 
 def _check_keys(block: str, cfg: dict[str, Any], allowed: set[str]) -> None:
@@ -126,6 +183,7 @@ def train(cfg: dict[str, Any], progress: bool = True) -> dict[str, Any]:
     _check_keys("data", data, DATA_KEYS)
     seed = int(cfg.get("seed", 0))
     rl = RLConfig(**cfg["rl"], seed=seed)
+    claim_run_dir(cfg)
     torch.manual_seed(seed)
     if "toy" in cfg:
         toy = dict(cfg["toy"])
