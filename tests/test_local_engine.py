@@ -111,6 +111,13 @@ def test_killed_run_resumes_to_the_uninterrupted_result(cache, tmp_path):
     lines = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
     assert [m["step"] for m in lines] == list(range(1, 7))
     assert (tmp_path / "run" / "reward_curve.png").read_bytes()[:4] == b"\x89PNG"
+    # a checkpoint without the full trainer state (an older PeRL's) is refused, not half-restored
+    state_path = tmp_path / "run" / "checkpoint" / "trainer_state.pt"
+    state = torch.load(state_path, weights_only=False)
+    del state["optimizer_steps"]
+    torch.save(state, state_path)
+    with pytest.raises(ValueError, match="a checkpoint of an older PeRL \\(no optimizer_steps\\)"):
+        _toy_run(cache, tmp_path / "run")
 
 
 def test_toy_run_learns_shorter_version(toy_cache, tmp_path):

@@ -353,6 +353,10 @@ def load_checkpoint(engine: LocalRL, out_dir: str) -> bool:
         for name, p in trained.model.named_parameters():
             live[name].copy_(p)
     state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
+    missing = sorted({"optimizer", "step", "rng", "optimizer_steps", "torch_rng"} - set(state))
+    if missing:
+        raise ValueError(f"{path}: a checkpoint of an older PeRL (no {', '.join(missing)}); it cannot be resumed "
+                         "exactly. Delete it to start the run over, or use another out_dir")
     engine.opt.load_state_dict(state["optimizer"])
     engine.step_idx = state["step"]
     engine.policy.optimizer_steps = state["optimizer_steps"]
