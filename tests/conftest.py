@@ -67,8 +67,8 @@ def transfer_queue():
     """verl's V1 storage for real: a local Ray with TransferQueue's controller and two storage
     units (three 1-CPU actors, hence num_cpus=4 logical CPUs on a 2-core box). Each test leaves it
     empty (`empty_queue`)."""
-    ray = pytest.importorskip("ray")
-    tq = pytest.importorskip("transfer_queue")
+    import ray  # both are PeRL dependencies (verl's V1 trainer needs them): a missing one is a failure, not a skip
+    import transfer_queue as tq
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, object_store_memory=256 * 2**20)
     try:
         tq.init()

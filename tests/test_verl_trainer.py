@@ -15,16 +15,14 @@ from __future__ import annotations
 import os
 
 import pytest
+import ray
 import torch
+import transfer_queue as tq  # started by the `transfer_queue` fixture (conftest)
+from verl.trainer.ppo.v1 import PPOTrainerSync, get_trainer_cls
+from verl.utils.tensordict_utils import list_of_dict_to_tensordict
 
-ray = pytest.importorskip("ray")
-tq = pytest.importorskip("transfer_queue")  # the `transfer_queue` fixture (conftest) starts it
-
-from verl.trainer.ppo.v1 import PPOTrainerSync, get_trainer_cls  # noqa: E402
-from verl.utils.tensordict_utils import list_of_dict_to_tensordict  # noqa: E402
-
-from perl.verl_glue import config as vc  # noqa: E402
-from perl.verl_glue.trainer import PerlSyncTrainer, PerlTaskRunner  # noqa: E402
+from perl.verl_glue import config as vc
+from perl.verl_glue.trainer import PerlSyncTrainer, PerlTaskRunner
 
 # Two prompts, G=3 each, rows interleaved (grouping is by uid, not by position). Prompt "a":
 # responses 5 6 7 (reward 1), 5 6 8 (0), 5 9 (0). Hand-computed T-SPMO advantages, pair by pair:

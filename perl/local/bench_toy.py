@@ -55,6 +55,7 @@ def bench_toy(config_path: str, methods: list[str], out: str, overrides: list[st
     the table and plots."""
     from perl.analysis.tables import write_tables
 
+    from .engine import SUMMARY
     from .recipe import run_config_changes, train
 
     overrides = list(overrides or [])
@@ -62,7 +63,7 @@ def bench_toy(config_path: str, methods: list[str], out: str, overrides: list[st
     rows = []
     for i, method in enumerate(methods):
         run_dir = os.path.join(out, method)
-        done = os.path.join(run_dir, "summary.json")
+        done = os.path.join(run_dir, SUMMARY)
         if os.path.exists(done) and os.path.exists(os.path.join(run_dir, "results.json")):
             changes = run_config_changes(run_dir, configs[method])
             if changes != []:  # None: no record of what it trained with

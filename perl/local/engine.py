@@ -327,6 +327,7 @@ class LocalRL:
 
 
 CHECKPOINT = "checkpoint"
+SUMMARY = "summary.json"  # a finished run's numbers (written last, atomically)
 
 
 def save_checkpoint(engine: LocalRL, out_dir: str) -> None:
@@ -414,7 +415,7 @@ def run(policy, rollout_model, tokenizer, train_rows, eval_rows, cfg: RLConfig, 
     engine = LocalRL(policy, rollout_model, tokenizer, train_rows, cfg, reward=reward)
     engine.rollout_base = copy.deepcopy(rollout_model)  # pristine base for reloading checkpoints
     log_path = os.path.join(out_dir, "metrics.jsonl")
-    summary_path = os.path.join(out_dir, "summary.json")
+    summary_path = os.path.join(out_dir, SUMMARY)
     data_path = os.path.join(out_dir, f"{HELDOUT}.parquet")
     before_info = {"label": "cold start", "method": None, "trainable_percent": None}
     after_info = {"label": label or policy.name, "method": policy.name,

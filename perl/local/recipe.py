@@ -55,11 +55,11 @@ def claim_run_dir(cfg: dict[str, Any]) -> None:
     trained (a checkpoint or a summary); otherwise (re)record the config."""
     from perl.io import atomic_file
 
-    from .engine import CHECKPOINT
+    from .engine import CHECKPOINT, SUMMARY
 
     out_dir = cfg["out_dir"]
     changes = run_config_changes(out_dir, cfg)
-    trained = any(os.path.exists(os.path.join(out_dir, name)) for name in (CHECKPOINT, "summary.json"))
+    trained = any(os.path.exists(os.path.join(out_dir, name)) for name in (CHECKPOINT, SUMMARY))
     if changes and trained:
         raise ValueError(f"out_dir {out_dir} holds a run with other settings ({'; '.join(changes)}); "
                          "use another out_dir, or delete that one to start over")

@@ -217,7 +217,7 @@ def load_recipe(path: str, _chain: tuple[str, ...] = ()) -> DictConfig:
 
 
 def loss_mode_overrides(loss_mode: str, sgrpo: Any = None) -> tuple[DictConfig, DictConfig]:
-    """perl.loss_mode=sgrpo: the overrides of `perl.algos.verl_overrides` (token: none)."""
+    """perl.loss_mode=sgrpo|tspmo: the overrides of `perl.algos.verl_overrides` (token: none)."""
     from perl.algos import LOSS_MODES, SGRPOConfig, verl_overrides
 
     if loss_mode not in LOSS_MODES:

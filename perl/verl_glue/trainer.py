@@ -54,12 +54,12 @@ class PerlSyncTrainer(PPOTrainerSync):
         response_mask = data["response_mask"]
         padded = data.to_padded_tensor()
         uid = np.array(padded.pop("uid").tolist(), dtype=object)
-        advantages, returns = tspmo_outcome_advantage(padded["rm_scores"], padded["response_mask"], index=uid,
-                                                      responses=padded["responses"])
+        advantages, _ = tspmo_outcome_advantage(padded["rm_scores"], padded["response_mask"], index=uid,
+                                                responses=padded["responses"])
         live = (advantages != 0).sum()
         metrics["perl/tspmo_live_pair_frac"] = float(live / padded["response_mask"].sum().clamp(min=1))
-        output = TensorDict({"advantages": response_to_nested(advantages, response_mask),
-                             "returns": response_to_nested(returns, response_mask)}, batch_size=len(batch))
+        nested = response_to_nested(advantages, response_mask)  # returns = advantages (outcome only, as GRPO)
+        output = TensorDict({"advantages": nested, "returns": nested}, batch_size=len(batch))
         return tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=output)
 
 
