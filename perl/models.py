@@ -62,9 +62,11 @@ ALIASES = {
 
 
 def build_config(name_or_path: str):
-    """A `PretrainedConfig` for a known name or a directory with a HF config.json."""
-    from transformers import AutoConfig, CONFIG_MAPPING
+    """A `PretrainedConfig` for a known name or a directory with a HF config.json (or a config itself)."""
+    from transformers import CONFIG_MAPPING, AutoConfig, PretrainedConfig
 
+    if isinstance(name_or_path, PretrainedConfig):
+        return name_or_path
     key = ALIASES.get(name_or_path.lower(), name_or_path.lower())
     if key in KNOWN_CONFIGS:
         fields = dict(KNOWN_CONFIGS[key])

@@ -105,7 +105,7 @@ if [ "$dry_run" = 1 ]; then cmd+=(--dry-run --no-path-checks); fi
 cmd+=(${entry_opts[@]+"${entry_opts[@]}"} "${knobs[@]}" ${overrides[@]+"${overrides[@]}"})
 
 if [ "$dry_run" != 1 ]; then
-  if [ "${N_NODES:-1}" -gt 1 ] && [ -z "${RAY_ADDRESS:-}" ] && [ ! -s /tmp/ray/ray_current_cluster ]; then
+  if [ "${N_NODES:-1}" -gt 1 ] && [ -z "${RAY_ADDRESS:-}" ] && [ ! -s "${RAY_TMPDIR:-/tmp/ray}/ray_current_cluster" ]; then
     die "N_NODES=$N_NODES needs a running Ray cluster: 'ray start --head --port=6379' on this node and " \
         "'ray start --address=<this node>:6379' on the others (or set RAY_ADDRESS); see recipes/README.md"
   fi

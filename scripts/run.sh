@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# The main job on the embedded default: the CPU toy run. A tiny Qwen2 is warm-started on 2-digit
-# addition in the paper's format (cached after the first run), then trained with DAPO and LoRA in
-# the single-machine engine: rollouts, math reward, verl's GRPO advantages and clipped policy loss,
-# merged sync into the rollout model, held-out Avg@4 before and after.
-# Extra arguments are config overrides, e.g.: bash scripts/run.sh method.name=dora rl.steps=60
+# The main job on the embedded default: verl's trainer on a CPU, the same RL loop as a GPU node.
+# A tiny Llama is warm-started on 2-digit addition in the paper's answer format (cached after the
+# first run); verl's V1 trainer then runs DAPO + LoRA on it with PeRL's engine and vLLM's CPU build
+# as the rollout engine, and `perl eval` scores the held-out set before and after (runs/toy-lora/).
+# Extra arguments are verl/hydra overrides, e.g.: bash scripts/run.sh peft.name=dora trainer.total_training_steps=60
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 # shellcheck disable=SC1091
 . .venv/bin/activate
-export HF_HUB_OFFLINE=1
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 perl train --config examples/toy.yaml "$@"

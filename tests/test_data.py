@@ -61,6 +61,7 @@ def test_directory_and_parquet_input(tmp_path):
     assert [r["reward_model"]["ground_truth"] for r in prepared.rows] == ["2", "9"]
 
 
+@pytest.mark.slow  # CLI subprocesses: a few seconds of imports each
 def test_champ_offline(tmp_path):
     out = tmp_path / "champ.parquet"
     proc = _cli("champ", "--out", str(out))
@@ -99,6 +100,7 @@ def test_template_is_configurable_and_checked(tmp_path):
     assert "{question}" in DEFAULT_TEMPLATE and "<think>" in DEFAULT_TEMPLATE
 
 
+@pytest.mark.slow  # CLI subprocesses: a few seconds of imports each
 def test_hub_sources_fail_clearly_offline(tmp_path):
     proc = _cli("aime24", "--out", str(tmp_path / "a.parquet"))
     assert proc.returncode == 2 and "--input" in proc.stderr and "offline" in proc.stderr

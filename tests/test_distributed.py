@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+pytestmark = [pytest.mark.slow, pytest.mark.dist]
+
 HERE = os.path.dirname(__file__)
 
 

@@ -73,6 +73,7 @@ def _samples_of_run(out, data, tok):
     return _samples(out)
 
 
+@pytest.mark.slow  # CLI subprocesses: a few seconds of imports each
 def test_eval_cli(setup, tmp_path):
     d, data, tok = setup
     model_dir = tmp_path / "model"

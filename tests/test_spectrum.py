@@ -82,6 +82,7 @@ def test_full_update_spreads_and_plot_and_json(tmp_path):
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow  # CLI subprocesses: a few seconds of imports each
 def test_spectrum_cli_on_checkpoints(tmp_path):
     import os
     import subprocess

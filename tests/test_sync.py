@@ -55,7 +55,8 @@ def test_export_reproduces_policy_and_matches_checkpoint_names(arch, name, saved
         assert torch.equal(t, fp32[n].to(torch.bfloat16)), n
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("name", [n if n in ("lora", "dora") else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in sorted(METHODS)])
 def test_thousand_syncs_leave_trainer_bit_identical(name):
     policy = _trained("tiny-qwen2", name, steps=2)
     before = {k: v.clone() for k, v in policy.model.state_dict().items()}
@@ -108,6 +109,7 @@ def test_adapter_only_sync_refuses_other_methods(name):
         lora_adapter(policy)
 
 
+@pytest.mark.slow  # CLI subprocesses: a few seconds of imports each
 def test_export_cli_writes_a_checkpoint_from_pretrained_loads(tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -1,6 +1,6 @@
-"""S-GRPO and T-SPMO (perl.algos.token_efficient): hand-computed advantages, the subset rule, gradients."""
+"""S-GRPO and T-SPMO (perl.algos.token_efficient, perl.verl_glue.token_subset): hand-computed advantages,
+the subset rule and its weights, the verl losses, and the shortened forward PeRL's engine runs."""
 
-import copy
 import math
 
 import numpy as np
@@ -10,18 +10,15 @@ from omegaconf import OmegaConf
 
 from perl.algos.token_efficient import (
     SGRPOConfig,
-    selected_token_log_probs,
+    sgrpo_ht_weights,
     sgrpo_inclusion_prob,
     sgrpo_policy_loss,
     sgrpo_select,
-    sgrpo_weights,
     tspmo_advantages,
     tspmo_group_pairs,
     tspmo_outcome_advantage,
     tspmo_policy_loss,
-    tspmo_weights,
     verl_overrides,
-    weighted_policy_loss,
 )
 
 ACTOR = OmegaConf.create({"clip_ratio": 0.2, "clip_ratio_low": 0.2, "clip_ratio_high": 0.28, "clip_ratio_c": 3.0,
@@ -65,11 +62,6 @@ def test_tspmo_batch_advantages_per_group_and_mask():
     adv, pairs = tspmo_advantages(responses, [1.0, 0.0, 0.0, 0.0], index=["a", "a", "b", "b"], width=3)
     assert adv.tolist() == [[0.0, 0.5, 0.0], [0.0, -0.5, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]
     assert pairs.tolist() == [[True, True, False], [False, True, False], [True, True, False], [False] * 3]
-    w = tspmo_weights(pairs, adv, "pairs")
-    assert w.sum() == pytest.approx(1.0) and (w > 0).sum() == 2  # only the two non-zero pairs
-    assert tspmo_weights(pairs, adv, "all_pairs")[0, 1] == pytest.approx(1 / 5)
-    with pytest.raises(ValueError, match="tspmo_norm"):
-        tspmo_weights(pairs, adv, "tokens")
 
 
 def test_tspmo_verl_estimator_needs_the_response_ids_and_matches_direct():
@@ -116,18 +108,23 @@ def test_sgrpo_inclusion_probability_hand_computed_and_empirical():
 
 
 def test_sgrpo_unbiased_weighting_is_unbiased_and_paper_weighting_is_not():
+    """verl's seq-mean-token-mean over T_i, with the engine's per-token weights, against the same
+    aggregation over every token: the unbiased weighting's mean matches, the paper's does not."""
+    from verl.trainer.ppo.core_algos import agg_loss
+
     torch.manual_seed(0)
     lengths = torch.tensor([3, 8, 16, 16])
     mask = (torch.arange(16) < lengths[:, None]).float()
     loss = torch.rand(4, 16) * torch.linspace(0, 3, 16)  # larger on later tokens, where S-GRPO samples less
-    full = float(((loss * mask).sum(-1) / lengths).mean())  # seq-mean-token-mean over every token
+    full = float(agg_loss(loss, mask, "seq-mean-token-mean"))
     gen = torch.Generator().manual_seed(2)
     est = {w: [] for w in ("unbiased", "paper")}
-    for _ in range(4000):
+    for _ in range(3000):
         for w in est:
             cfg = SGRPOConfig(alpha=2, k=5, p=0.4, weighting=w)
             sel = sgrpo_select(mask, cfg, gen)
-            est[w].append(float((sgrpo_weights(sel, mask, cfg) * loss).sum()))
+            weights = torch.stack([sgrpo_ht_weights(sel[i], int(lengths[i]), cfg) for i in range(4)])
+            est[w].append(float(agg_loss(loss * weights, sel.float(), "seq-mean-token-mean")))
     unbiased = np.array(est["unbiased"])
     assert abs(unbiased.mean() - full) < 4 * unbiased.std() / math.sqrt(len(unbiased)) + 1e-3
     assert abs(np.mean(est["paper"]) - full) > 0.1  # the paper's estimator favours early tokens
@@ -142,128 +139,146 @@ def test_sgrpo_config_is_checked():
         SGRPOConfig(weighting="ht")
 
 
-# ---------------------------------------------------------------- gradients and the subset forward
+# ---------------------------------------------------------------- the verl losses
 
 
-def test_gradient_only_through_selected_tokens():
-    torch.manual_seed(0)
-    mask = torch.ones(3, 10)
-    logp = (torch.randn(3, 10) - 2).requires_grad_()
-    adv = torch.tensor([[1.0], [-0.5], [2.0]]).expand(3, 10)
-    cfg = SGRPOConfig(alpha=2, k=4, p=0.5)
-    sel = sgrpo_select(mask, cfg, torch.Generator().manual_seed(3))
-    w = sgrpo_weights(sel, mask, cfg)
-    loss, _ = weighted_policy_loss(logp.detach(), logp, adv, w, ACTOR)
-    loss.backward()
-    assert torch.equal(logp.grad != 0, sel)
-    # on-policy (ratio 1): d loss / d logp = -A w, the paper's 1/G sum 1/|T_i| form
-    assert torch.allclose(logp.grad, -adv * w)
-
-
-def test_verl_sgrpo_and_tspmo_losses_mask_the_gradient():
+def test_verl_sgrpo_and_tspmo_losses_put_the_gradient_only_on_their_tokens():
     torch.manual_seed(1)
-    mask = torch.tensor([[1] * 8, [1] * 5 + [0] * 3])
+    subset = torch.tensor([[1, 1, 0, 1, 0, 0, 0, 0], [1, 0, 1, 1, 1, 0, 0, 0]])  # T_i, as the engine hands it over
     logp = (torch.randn(2, 8) - 1).requires_grad_()
-    loss, metrics = sgrpo_policy_loss(logp.detach(), logp, torch.ones(2, 8), mask, "seq-mean-token-mean", ACTOR)
+    adv = torch.tensor([[1.0], [-0.5]]).expand(2, 8)
+    loss, _ = sgrpo_policy_loss(logp.detach(), logp, adv, subset, "seq-mean-token-mean", ACTOR)
     loss.backward()
-    nz = (logp.grad != 0).sum(-1)
-    assert (nz <= 8).all() and (logp.grad[1, 5:] == 0).all() and 0 < metrics["actor/sgrpo_token_frac"] <= 1
-    assert (logp.grad[:, :4] != 0).all()  # alpha=4 (default): the first four always
+    assert torch.equal(logp.grad != 0, subset.bool())
+    # on-policy (ratio 1): d loss / d logp = -A / (G |T_i|), the paper's 1/G sum 1/|T_i| form
+    assert torch.allclose(logp.grad, -adv * subset / (2 * subset.sum(-1, keepdim=True)))
     logp.grad = None
+    mask = torch.tensor([[1] * 8, [1] * 5 + [0] * 3])
     adv = torch.zeros(2, 8)
     adv[0, 3], adv[1, 1] = 0.5, -0.5
-    loss, _ = tspmo_policy_loss(logp.detach(), logp, adv, mask, "seq-mean-token-sum", ACTOR)
+    loss, metrics = tspmo_policy_loss(logp.detach(), logp, adv, mask, "seq-mean-token-sum", ACTOR)
     loss.backward()
-    assert torch.equal(logp.grad != 0, adv != 0)
-
-
-@pytest.mark.parametrize("arch", ["tiny-qwen2", "tiny-llama"])
-def test_subset_forward_matches_full_forward_and_ignores_later_tokens(arch):
-    from perl.methods import adapt
-    from perl.models import build_model
-
-    policy = adapt(build_model(arch, seed=0), {"name": "lora", "rank": 4, "alpha": 8.0, "dropout": 0.0})
-    model = policy.model
-    with torch.no_grad():  # non-zero LoRA B so the adapter is in the path
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
-    g = torch.Generator().manual_seed(0)
-    seqs = torch.randint(1, 256, (3, 14), generator=g)
-    attn = torch.ones_like(seqs)
-    attn[1, :2] = 0  # a left-padded prompt
-    start = 5
-    rows, pos = torch.tensor([0, 0, 1, 2]), torch.tensor([0, 3, 2, 1])
-    lp, ent = selected_token_log_probs(model, seqs, attn, start, rows, pos)
-    full = torch.log_softmax(model(input_ids=seqs, attention_mask=attn).logits.float(), -1)
-    ref = full[rows, start - 1 + pos].gather(-1, seqs[rows, start + pos, None]).squeeze(-1)
-    assert torch.allclose(lp, ref, atol=1e-5)
-    lp2, _ = selected_token_log_probs(model, seqs, attn, start, rows, pos, subset_forward=False)
-    assert torch.allclose(lp, lp2, atol=1e-5) and (ent > 0).all()
-
-    def grads(s):
-        model.zero_grad()
-        selected_token_log_probs(model, s, attn, start, rows, pos)[0].sum().backward()
-        return [p.grad.clone() for p in model.parameters() if p.requires_grad]
-
-    later = seqs.clone()
-    later[:, start + 4:] = torch.randint(1, 256, (3, 14 - start - 4), generator=g)  # after the last selected token
-    assert all(torch.equal(a, b) for a, b in zip(grads(seqs), grads(later)))
-    changed = seqs.clone()
-    changed[0, start + 3] = (changed[0, start + 3] % 255) + 1  # a selected token
-    assert not all(torch.equal(a, b) for a, b in zip(grads(seqs), grads(changed)))
-
-
-# ---------------------------------------------------------------- the CPU engine and verl wiring
-
-
-def test_engine_config_validates_loss_mode_and_knobs():
-    from perl.local import RLConfig
-
-    with pytest.raises(ValueError, match="loss_mode.*'token', 'sgrpo', 'tspmo'"):
-        RLConfig(loss_mode="spmo")
-    with pytest.raises(ValueError, match="sgrpo_k"):
-        RLConfig(loss_mode="sgrpo", sgrpo_alpha=9, sgrpo_k=8)
-    with pytest.raises(ValueError, match="tspmo_norm"):
-        RLConfig(tspmo_norm="x")
-
-
-@pytest.mark.parametrize("mode", ["sgrpo", "tspmo"])
-def test_engine_update_trains_only_on_the_subset(mode):
-    from perl.local import LocalRL, RLConfig
-    from perl.methods import adapt
-    from perl.models import build_model
-
-    class Tok:
-        pad_token_id, eos_token_id = 0, 1
-
-    base = build_model("tiny-qwen2", seed=0)
-    policy = adapt(copy.deepcopy(base), {"name": "lora", "rank": 4, "alpha": 8.0, "dropout": 0.0})
-    cfg = RLConfig(loss_mode=mode, group_size=4, prompts_per_step=2, mini_batches=2, sgrpo_alpha=2, sgrpo_k=3)
-    engine = LocalRL(policy, copy.deepcopy(base), Tok(), [{"prompt": []}], cfg)
-    g = torch.Generator().manual_seed(0)
-    kept = []
-    for prompt in ([5, 6, 7], [8, 9]):
-        stem = torch.randint(2, 256, (3,), generator=g).tolist()
-        for j in range(4):  # shared 3-token stem, then branches; mixed rewards
-            kept.append((prompt, stem + torch.randint(2, 256, (6 + j,), generator=g).tolist(), float(j % 2)))
-    before = {n: p.detach().clone() for n, p in policy.trainable_parameters()}
-    m = engine._update(kept)
-    assert m["optimizer_steps"] == 2 and 0 < m["loss_token_frac"] < 0.5 and m["forward_token_frac"] < 1
-    if mode == "tspmo":  # only the branch after the shared stem carries an advantage: 4 pairs (A = +-0.5) a group
-        assert m["loss_tokens"] == 8
-    assert any(not torch.equal(p, before[n]) for n, p in policy.trainable_parameters())
+    assert torch.equal(logp.grad != 0, adv != 0) and metrics["actor/tspmo_pair_frac"] == pytest.approx(2 / 13)
 
 
 def test_verl_registration_and_overrides():
     from verl.trainer.ppo.core_algos import ADV_ESTIMATOR_REGISTRY, get_policy_loss_fn
 
+    from perl.algos import register_with_verl
+
+    assert register_with_verl()
     assert get_policy_loss_fn("sgrpo") is sgrpo_policy_loss and get_policy_loss_fn("tspmo") is tspmo_policy_loss
     assert ADV_ESTIMATOR_REGISTRY["tspmo"] is tspmo_outcome_advantage
     assert verl_overrides("token") == []
-    s = verl_overrides("sgrpo", SGRPOConfig(alpha=25, k=50, p=0.5))
+    s = verl_overrides("sgrpo")
     assert "actor_rollout_ref.actor.policy_loss.loss_mode=sgrpo" in s and "algorithm.adv_estimator=grpo" in s
-    assert any(o.endswith("PERL_SGRPO_K=50") for o in s)
+    assert not any("VERL_USE_EXTERNAL_MODULES" in o or "PERL_SGRPO" in o for o in s)  # the engine gets the knobs
     assert "algorithm.adv_estimator=tspmo" in verl_overrides("tspmo")
     with pytest.raises(ValueError, match="loss_mode"):
         verl_overrides("ppo")
+
+
+# ---------------------------------------------------------------- the shortened forward (PeRL's engine)
+
+
+def _nested(rows):
+    return torch.nested.as_nested_tensor(rows, layout=torch.jagged)
+
+
+def _minibatch(seed=0, n=4, vocab=256):
+    """A mini-batch in the layout verl's trainer hands the engine (jagged per-sequence tensors)."""
+    from verl.utils import tensordict_utils as tu
+
+    g = torch.Generator().manual_seed(seed)
+    rows = {k: [] for k in ("prompts", "responses", "response_mask", "loss_mask", "input_ids", "position_ids",
+                            "advantages", "old_log_probs")}
+    for i in range(n):
+        p, r = 3 + i % 3, 9 + 3 * i
+        prompt, response = torch.randint(0, vocab, (p,), generator=g), torch.randint(0, vocab, (r,), generator=g)
+        rows["prompts"].append(prompt)
+        rows["responses"].append(response)
+        rows["response_mask"].append(torch.ones(r, dtype=torch.int64))
+        rows["loss_mask"].append(torch.ones(r, dtype=torch.int64))
+        rows["input_ids"].append(torch.cat([prompt, response]))
+        rows["position_ids"].append(torch.arange(p + r))
+        rows["advantages"].append(torch.full((r,), float(i) - 1.5))
+        rows["old_log_probs"].append(-torch.rand(r, generator=g))
+    data = tu.get_tensordict(tensor_dict={k: _nested(v) for k, v in rows.items()}, non_tensor_dict={})
+    return data, rows
+
+
+def test_cut_to_subset_cuts_every_per_token_field_after_the_last_selected_token():
+    from perl.verl_glue.token_subset import SELECTED, cut_to_subset
+
+    data, rows = _minibatch()
+    cfg = SGRPOConfig(alpha=2, k=4, p=0.5)
+    out, stats = cut_to_subset(data, cfg, torch.Generator().manual_seed(0))
+    for i, sel in enumerate(out[SELECTED].unbind()):
+        c, p, r = len(sel), len(rows["prompts"][i]), len(rows["responses"][i])
+        assert sel[-1] and sel[:2].all() and 2 <= int(sel.sum()) <= 4 and c < r  # ends on its last selected token
+        assert torch.equal(out["responses"][i], rows["responses"][i][:c])
+        assert torch.equal(out["input_ids"][i], rows["input_ids"][i][: p + c])
+        assert torch.equal(out["position_ids"][i], rows["position_ids"][i][: p + c])
+        assert torch.equal(out["old_log_probs"][i], rows["old_log_probs"][i][:c])
+        assert torch.equal(out["prompts"][i], rows["prompts"][i])
+        assert torch.equal(out["response_mask"][i].bool(), sel) and torch.equal(out["loss_mask"][i].bool(), sel)
+    assert "rollout_is_weights" not in out.keys()  # the paper's weighting needs none
+    assert 0 < stats["perl/sgrpo_token_frac"] < stats["perl/sgrpo_forward_token_frac"] < 1
+    unbiased, _ = cut_to_subset(data, SGRPOConfig(alpha=2, k=4, p=0.5, weighting="unbiased"),
+                                torch.Generator().manual_seed(0))
+    ht = SGRPOConfig(alpha=2, k=4, p=0.5, weighting="unbiased")
+    for i, (w, sel) in enumerate(zip(unbiased["rollout_is_weights"].unbind(), unbiased[SELECTED].unbind())):
+        assert torch.allclose(w, sgrpo_ht_weights(sel, len(rows["responses"][i]), ht)) and (w[~sel] == 0).all()
+
+
+@pytest.mark.parametrize("remove_padding", [True, False])
+def test_lm_head_only_at_the_subset_gives_the_full_forwards_log_probs(remove_padding):
+    """PeRL's engine path (logits_to_keep + subset_log_probs) against a full forward of the same
+    cut sequences: equal log-probs on T_i, and gradients that equal the full forward's masked ones."""
+    from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
+
+    from perl.methods import adapt
+    from perl.models import build_model
+    from perl.verl_glue.token_subset import SELECTED, cut_to_subset, loss_positions, subset_log_probs
+    from verl.utils import tensordict_utils as tu
+
+    policy = adapt(build_model("tiny-llama", seed=0), {"name": "lora", "rank": 4, "alpha": 8.0, "dropout": 0.0})
+    model = policy.model
+    with torch.no_grad():
+        for n, prm in model.named_parameters():
+            if "lora_B" in n:
+                prm.normal_(0, 0.05)
+    data, _ = _minibatch(seed=3)
+    cut, _ = cut_to_subset(data, SGRPOConfig(alpha=2, k=4, p=0.5), torch.Generator().manual_seed(1))
+    tu.assign_non_tensor(cut, use_remove_padding=remove_padding, temperature=1.0, pad_token_id=0)
+    engine = FSDPEngineWithLMHead.__new__(FSDPEngineWithLMHead)  # only its input/output layout code runs here
+    engine.pad_to_length, engine.use_ulysses_sp = False, False
+    engine._get_packed_pad_size = lambda n: 0
+    inputs, output_args = engine.prepare_model_inputs(cut)
+    keep = loss_positions(cut, use_remove_padding=remove_padding)
+    inputs["logits_to_keep"] = keep
+    out = subset_log_probs(model(**inputs, use_cache=False).logits, keep, output_args, cut, remove_padding, True)
+
+    def reference():  # every sequence on its own, the whole LM head
+        lps = []
+        for ids, p, sel in zip(cut["input_ids"].unbind(), cut["prompts"].offsets().diff(), cut[SELECTED].unbind()):
+            logp = torch.log_softmax(model(input_ids=ids[None]).logits[0].float(), -1)
+            at = int(p) - 1 + torch.arange(len(sel))
+            lps.append((logp[at].gather(-1, ids[int(p):, None]).squeeze(-1), sel))
+        return lps
+
+    got = out["log_probs"].unbind()
+    total = 0
+    for row, ((ref, sel), full) in enumerate(zip(reference(), got)):
+        p = int(cut["prompts"].offsets().diff()[row])
+        mine = full[p - 1 : p - 1 + len(sel)]
+        assert torch.allclose(mine[sel], ref[sel], atol=1e-5), row
+        assert (mine[~sel] == 0).all()  # outside T_i nothing was computed
+        total = total + mine[sel].sum()
+    model.zero_grad()
+    total.backward()
+    subset_grads = [q.grad.clone() for q in model.parameters() if q.requires_grad]
+    model.zero_grad()
+    sum(ref[sel].sum() for ref, sel in reference()).backward()
+    for a, b in zip(subset_grads, (q.grad for q in model.parameters() if q.requires_grad)):
+        assert torch.allclose(a, b, atol=1e-5)

@@ -8,6 +8,7 @@ starts; `--dry-run` prints the config and the adapted model's summary without Ra
 
 import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -19,6 +20,7 @@ from perl.verl_glue import config as vc
 from perl.verl_glue.entry import main
 
 HERE = os.path.dirname(__file__)
+ROOT = os.path.dirname(HERE)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +66,7 @@ def test_resolved_config_holds_the_paper_dapo_settings(paths):
     assert algo.filter_groups.max_num_gen_batches == 10  # the cap PeRL's sampler enforces
     sampler = r.trainer.v1.sampler
     assert sampler.custom_sampler.path == "pkg://perl.verl_glue.sampler"
-    assert sampler.sampler_kwargs.filter_groups_metric == "acc" and sampler.sampler_kwargs.train_batch_size == 128
+    assert sampler.sampler_kwargs.filter_groups_metric == "acc" and sampler.sampler_kwargs.train_batch_size == 16
     assert actor.use_kl_loss is False and algo.use_kl_in_reward is False  # no KL
     assert algo.adv_estimator == "grpo" and algo.norm_adv_by_std_in_grpo is True
     assert rollout.n == 8 and rollout.name == "vllm"  # G = 8, vLLM rollout
@@ -72,7 +74,7 @@ def test_resolved_config_holds_the_paper_dapo_settings(paths):
     assert actor.optim.lr_warmup_steps == 0 and actor.optim.lr_warmup_steps_ratio == 0.0
     assert r.data.max_prompt_length == 512 and r.data.max_response_length == 16384
     assert rollout.prompt_length == 512 and rollout.response_length == 16384
-    assert r.data.train_batch_size == 128 and actor.ppo_micro_batch_size_per_gpu == 4
+    assert r.data.train_batch_size == 16 and actor.ppo_mini_batch_size == 16 and actor.ppo_micro_batch_size_per_gpu == 4
     assert r.trainer.total_training_steps == 1024
     assert actor.strategy == "fsdp2" and r.actor_rollout_ref.ref.strategy == "fsdp2"
     assert r.peft.rank == 32 and r.peft.alpha == 64 and r.peft.dropout == 0.05 and r.peft.target_modules is None
@@ -91,7 +93,8 @@ def test_grpo_and_drgrpo_presets(paths):
     g = vc.resolved(vc.compose({"perl": {"algorithm": "grpo"}}, ready(paths)))
     assert g.actor_rollout_ref.actor.clip_ratio_high == 0.2
     assert g.actor_rollout_ref.actor.loss_agg_mode == "seq-mean-token-mean"
-    assert g.algorithm.filter_groups.enable is False and not g.trainer.v1.sampler.custom_sampler.path
+    assert g.algorithm.filter_groups.enable is False
+    assert g.trainer.v1.sampler.sampler_kwargs.filter_groups_metric is None  # PeRL's buffer, no filtering
     d = vc.resolved(vc.compose({}, ready(paths, "perl.algorithm=drgrpo")))
     assert d.actor_rollout_ref.actor.loss_agg_mode == "seq-mean-token-sum-norm"
     assert d.actor_rollout_ref.actor.loss_scale_factor == 16384  # constant normaliser
@@ -118,7 +121,10 @@ def test_recipe_file_and_token_efficient_loss(paths, tmp_path):
     r = vc.resolved(vc.compose(str(recipe), ready(paths)))
     assert r.actor_rollout_ref.model.lora.perl.spec.options == {"lr_ratio": 8}
     assert r.actor_rollout_ref.actor.policy_loss.loss_mode == "sgrpo"
-    assert r.ray_kwargs.ray_init.runtime_env.env_vars.PERL_SGRPO_K == 4
+    # the engine draws the token subset itself: the knobs travel in the engine's block, not the environment
+    assert r.actor_rollout_ref.model.lora.perl.sgrpo == {"alpha": 2, "k": 4, "p": 0.5, "weighting": "paper"}
+    assert "env_vars" not in r.ray_kwargs.ray_init.runtime_env
+    assert vc.resolved(vc.compose({}, ready(paths))).actor_rollout_ref.model.lora.perl.sgrpo is None
 
 
 def test_tspmo_runs_on_perls_sync_trainer_with_verls_dynamic_sampling(paths):
@@ -128,13 +134,14 @@ def test_tspmo_runs_on_perls_sync_trainer_with_verls_dynamic_sampling(paths):
     assert r.algorithm.adv_estimator == "tspmo" and r.actor_rollout_ref.actor.policy_loss.loss_mode == "tspmo"
     assert r.actor_rollout_ref.actor.loss_agg_mode == "seq-mean-token-sum"
     assert r.trainer.v1.sampler.custom_sampler.name == vc.SAMPLER_NAME  # DAPO's filter + cap, as for sync
-    assert r.ray_kwargs.ray_init.runtime_env.env_vars.VERL_USE_EXTERNAL_MODULES == "perl.algos.token_efficient"
     vc.check(cfg, require_vllm=False)
     # the corrections T-SPMO's step skips are fine where verl applies them in the actor instead
     vc.check(vc.compose({}, ready(paths, "perl.loss_mode=tspmo", "algorithm.rollout_correction.rollout_is=token",
                                   "algorithm.rollout_correction.bypass_mode=true")), require_vllm=False)
-    # other loss modes keep verl's own trainer
-    assert vc.compose({}, ready(paths)).trainer.v1.trainer_mode == "sync"
+    # every sync run is on PeRL's trainer (verl's, plus the run log); async modes stay verl's
+    assert vc.compose({}, ready(paths)).trainer.v1.trainer_mode == "perl_sync"
+    assert vc.compose({}, ready(paths, "trainer.v1.trainer_mode=colocate_async")).trainer.v1.trainer_mode == \
+        "colocate_async"
 
 
 ERRORS = [
@@ -147,7 +154,15 @@ ERRORS = [
     (["peft.name=dora", "peft.options.lr_ratio=4"], "belongs to lora_plus, not to dora"),
     (["peft.ranks=8"], "peft: unknown key(s) ['ranks']"),
     (["actor_rollout_ref.actor.strategy=fsdp"], "actor_rollout_ref.actor.strategy"),
-    (["actor_rollout_ref.model.lora_rank=8"], "actor_rollout_ref.model.lora_rank is derived from the peft: block"),
+    (["actor_rollout_ref.model.lora_rank=8"], "actor_rollout_ref.model.lora_rank is derived by PeRL"),
+    (["+ray_kwargs.ray_init.num_gpus=4"], "ray_kwargs.ray_init.num_gpus is derived by PeRL"),
+    # the CPU path: what vLLM's CPU build cannot do
+    (["trainer.device=cpu", "actor_rollout_ref.rollout.free_cache_engine=true"],
+     "actor_rollout_ref.rollout.free_cache_engine=True (in the override) cannot run with trainer.device=cpu"),
+    (["trainer.device=cpu", "actor_rollout_ref.model.use_remove_padding=true"],
+     "actor_rollout_ref.model.use_remove_padding=True (in the override) cannot run with trainer.device=cpu"),
+    (["perl.heldout.kk=3"], "perl.heldout: unknown key(s) ['kk']"),
+    (["perl.reward.think=false"], "perl.reward: unknown ['think']"),
     (["peft.rank=0"], "peft.rank must be an integer >= 1"),
     (["peft.name=vera", "+actor_rollout_ref.actor.checkpoint.save_lora_only=true"], "resume would lose it"),
     (["perl.loss_mode=ppo"], "perl.loss_mode: 'ppo' is not one of token, sgrpo, tspmo"),
@@ -169,9 +184,9 @@ CHECK_ERRORS = [
     (["data.train_files=/nonexistent/train.parquet"], "data.train_files: /nonexistent/train.parquet does not exist"),
     (["peft.name=vera", "peft.target_modules=[c_attn]"], "'c_attn' matches no module of Qwen2ForCausalLM"),
     (["peft.name=ln_tuning", "peft.target_modules=[q_proj]"], "but ln_tuning adapts norm modules"),
-    (["data.train_batch_size=96"], "data.train_batch_size (96) must be a multiple of actor_rollout_ref.actor"),
+    (["data.train_batch_size=24"], "data.train_batch_size (24) must be a multiple of actor_rollout_ref.actor"),
     (["actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=3"],
-     "ppo_micro_batch_size_per_gpu (3) must divide ppo_mini_batch_size x rollout.n / GPUs (128)"),
+     "ppo_micro_batch_size_per_gpu (3) must divide ppo_mini_batch_size x rollout.n / GPUs (16)"),
     (["trainer.n_gpus_per_node=3"], "must divide over the 3 GPUs"),
     (["peft.name=adalora", "trainer.total_training_steps=null"], "set trainer.total_training_steps"),
     (["peft.name=pissa", "peft.adapter_sync=adapter", "actor_rollout_ref.rollout.load_format=auto"],
@@ -181,6 +196,8 @@ CHECK_ERRORS = [
     (["perl.loss_mode=tspmo", "algorithm.use_kl_in_reward=true"], "algorithm.use_kl_in_reward=true: T-SPMO"),
     (["perl.loss_mode=tspmo", "algorithm.rollout_correction.rollout_is=token"],
      "algorithm.rollout_correction.rollout_is=token: the trainer-side rollout correction is not applied"),
+    (["perl.loss_mode=sgrpo", "actor_rollout_ref.model.use_fused_kernels=true"],
+     "actor_rollout_ref.model.use_fused_kernels=True: S-GRPO's shortened forward"),
 ]
 
 
@@ -192,9 +209,19 @@ def test_checks_fail_before_anything_starts(paths, overrides, text):
     assert text in str(err.value)
 
 
-@pytest.mark.skipif(vc.vllm_available(), reason="vLLM is installed here")
-def test_missing_vllm_is_an_error_for_a_run_but_not_for_a_dry_run(paths, capsys):
-    assert main(ready(paths)) == 2
+def test_missing_vllm_is_an_error_for_a_run_but_not_for_a_dry_run(paths, capsys, monkeypatch):
+    """As on a machine where vLLM is not installed (find_spec says so): the run stops before Ray and
+    says what to install, on a GPU node and on CPU; a dry run checks the config without it."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    assert not vc.vllm_available()
+    with pytest.raises(vc.ConfigError, match="pip install 'perl-rlvr\\[gpu\\]' on a GPU node"):
+        vc.check_vllm(vc.compose({}, ready(paths)))
+    with pytest.raises(vc.ConfigError, match="bash scripts/setup_env.sh` installs its CPU build"):
+        vc.check_vllm(vc.compose({}, ready(paths, "trainer.device=cpu")))
+    assert main(ready(paths, "trainer.device=cpu")) == 2
     assert "rollout.name=vllm but vLLM is not installed" in capsys.readouterr().err
     assert main(ready(paths, "--dry-run")) == 0
 
@@ -208,9 +235,12 @@ def test_dry_run_prints_config_and_adapter_summary_without_ray(paths, capsys):
     assert main(ready(paths, "peft.name=ia3", "--dry-run", "--format", "json")) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["adapter"]["method"] == "ia3" and report["adapter"]["target_modules"] == ["k_proj", "v_proj", "down_proj"]
-    ray = sys.modules.get("ray")
-    assert ray is None or not ray.is_initialized()
-    assert "vllm" not in sys.modules
+    # a fresh process: the dry run neither starts Ray nor imports vLLM
+    probe = ("import sys; from perl.verl_glue.entry import main; rc = main(sys.argv[1:]); "
+             "ray = sys.modules.get('ray'); print('PROBE', rc, 'vllm' in sys.modules, bool(ray and ray.is_initialized()))")
+    proc = subprocess.run([sys.executable, "-c", probe, *ready(paths, "--dry-run")], capture_output=True, text=True,
+                          timeout=300)
+    assert "PROBE 0 False False" in proc.stdout, proc.stderr[-2000:]
     # errors: exit code 2 and the field on stderr
     assert main(ready(paths, "peft.name=vera", "peft.target_modules=[c_attn]", "--dry-run")) == 2
     assert "peft.target_modules: 'c_attn' matches no module" in capsys.readouterr().err
@@ -231,3 +261,80 @@ def test_adapter_summary_on_the_paper_model_shape(paths):
     cfg = vc.compose({"peft": {"name": "dora"}}, ready(paths))
     summary = vc.adapted_summary(cfg, model_path="deepseek-r1-distill-qwen-1.5b")  # meta device, no weights
     assert summary["total"] > 1_700_000_000 and 0.5 < summary["percent"] < 3.0
+
+
+TOY_ERRORS = [
+    (["perl.toy={}", "actor_rollout_ref.model.path=/x"], "actor_rollout_ref.model.path is set by perl.toy"),
+    (["perl.toy.digits=0"], "perl.toy.digits must be an integer >= 1"),
+    (["perl.toy.width=3"], "perl.toy: unknown key(s) ['width']"),
+    (["perl.toy.template=no question"], "perl.toy.template must contain {question}"),
+]
+
+
+@pytest.mark.parametrize("overrides,text", TOY_ERRORS)
+def test_toy_block_errors_name_the_field(overrides, text):
+    with pytest.raises(vc.ConfigError) as err:
+        vc.compose({}, overrides)
+    assert text in str(err.value)
+
+
+def test_the_toy_sets_its_model_data_and_heldout_set(tmp_path):
+    from perl.local.toy import ToyTask
+
+    cfg = vc.resolved(vc.compose(os.path.join(ROOT, "examples", "toy.yaml"),
+                                 [f"trainer.default_local_dir={tmp_path / 'run'}"]))
+    task = ToyTask.from_block(OmegaConf.to_container(cfg.perl.toy))
+    assert cfg.actor_rollout_ref.model.path == task.model_dir()
+    assert cfg.data.train_files == str(tmp_path / "run" / "data" / "train.parquet")
+    assert cfg.data.val_files == cfg.perl.heldout.data == str(tmp_path / "run" / "data" / "heldout.parquet")
+    assert cfg.perl.heldout.k == 4 and cfg.trainer.save_freq > 0
+    # perl.heldout=null: no evaluation, and nothing points at the held-out set
+    cfg = vc.resolved(vc.compose(os.path.join(ROOT, "examples", "toy.yaml"), ["perl.heldout=null"]))
+    assert cfg.perl.heldout is None
+
+
+def test_cpu_settings_are_derived_for_trainer_device_cpu(paths):
+    r = vc.resolved(vc.compose({}, ready(paths, "trainer.device=cpu", "trainer.n_gpus_per_node=2",
+                                         "actor_rollout_ref.rollout.dtype=bfloat16")))
+    rollout, model, actor = r.actor_rollout_ref.rollout, r.actor_rollout_ref.model, r.actor_rollout_ref.actor
+    assert rollout.enable_sleep_mode is False and rollout.free_cache_engine is False and rollout.enforce_eager is True
+    assert model.use_remove_padding is False and model.override_config.attn_implementation == "sdpa"
+    assert actor.fsdp_config.mixed_precision.param_dtype == "fp32" and actor.use_torch_compile is False
+    assert rollout.dtype == "bfloat16"  # a default: the recipe's own value wins
+    assert model.lora.perl.sync_dtype == "bfloat16"  # the sync sends what the rollout holds
+    assert r.ray_kwargs.ray_init.num_gpus == 2 and r.ray_kwargs.ray_init.num_cpus == 32  # placement tokens
+    assert r.trainer.v1.sampler.sampler_kwargs.poll_interval == vc.CPU_POLL_S
+    # a GPU run gets none of it
+    g = vc.resolved(vc.compose({}, ready(paths)))
+    assert g.actor_rollout_ref.rollout.free_cache_engine is True and "num_gpus" not in g.ray_kwargs.ray_init
+    assert g.actor_rollout_ref.model.lora.perl.sync_dtype == "bfloat16" == g.actor_rollout_ref.rollout.dtype
+    assert g.trainer.v1.sampler.sampler_kwargs.poll_interval == vc.GPU_POLL_S
+
+
+def test_a_gpu_recipe_on_a_machine_without_an_accelerator_fails_before_ray(paths, capsys):
+    """This machine has no accelerator (CI, the 2-core box): verl's platform detection says so."""
+    from verl.plugin.platform import get_platform
+
+    assert get_platform().device_name == "cpu"
+    cfg = vc.compose({}, ready(paths))  # trainer.device=cuda: the paper's recipes
+    with pytest.raises(vc.ConfigError, match="trainer.device=cuda, but this machine has no accelerator.*"
+                                             "set trainer.device=cpu"):
+        vc.check_device(cfg)
+    vc.check_device(vc.compose({}, ready(paths, "trainer.device=cpu")))  # the CPU path is fine here
+    assert main(ready(paths)) == 2 and "no accelerator" in capsys.readouterr().err  # before Ray: exit code 2
+    ray = sys.modules.get("ray")
+    assert ray is None or not ray.is_initialized()
+
+
+def test_vllm_cpu_head_size_is_checked_before_ray(tmp_path):
+    """vLLM's CPU attention serves head sizes 32, 64, 80, ...; the tiny test models have 16."""
+    sys.path.insert(0, os.path.join(HERE, "dist"))
+    from verl_common import save_tiny_model
+
+    model = save_tiny_model("tiny-qwen2", str(tmp_path / "tiny"))  # hidden 64 / 4 heads = 16
+    (tmp_path / "t.parquet").write_bytes(b"")
+    cfg = vc.compose({}, [f"actor_rollout_ref.model.path={model}", f"data.train_files={tmp_path / 't.parquet'}",
+                          f"data.val_files={tmp_path / 't.parquet'}", "trainer.device=cpu"])
+    assert vc.model_head_dim(cfg) == 16
+    with pytest.raises(vc.ConfigError, match="attention head size is 16; vLLM's CPU attention serves 32, 64"):
+        vc.check_vllm(cfg)

@@ -12,6 +12,8 @@ import sys
 
 import pytest
 
+pytestmark = [pytest.mark.slow, pytest.mark.dist]
+
 HERE = os.path.dirname(__file__)
 ARCHS = ("tiny-qwen2", "tiny-llama")
 
@@ -50,9 +52,10 @@ def _report(dist_run, marker: str) -> str:
 
 
 def test_engine_builds_steps_syncs_and_refs_every_method_under_fsdp2(dist_run):
-    """tests/dist/verl_engine.py: all 13 methods (+ tied-embedding Llama) on 2 ranks."""
+    """tests/dist/verl_engine.py: all 13 methods (+ tied-embedding Llama) on 2 ranks, and S-GRPO's
+    shortened forward against the full forward with the same token subset."""
     out = _report(dist_run, "VERL_ENGINE_OK 14")
-    assert out.count("ok engine tiny-") == 14
+    assert out.count("ok engine tiny-") == 14 and "ok engine sgrpo" in out
 
 
 def test_checkpoint_save_resume_is_exact_and_exports_peft_adapters(dist_run):

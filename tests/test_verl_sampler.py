@@ -13,6 +13,8 @@ import uuid
 
 import pytest
 
+pytestmark = [pytest.mark.ray, pytest.mark.slow]  # a local Ray cluster: ~10 s to start
+
 G = 8  # rollouts per prompt
 
 

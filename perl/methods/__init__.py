@@ -6,7 +6,7 @@ Where things are:
 - `catalog.py`  the registry itself: one class per method.
 """
 
-from .base import AdaptedPolicy, Method, canonical_name, count_parameters
+from .base import AdaptedPolicy, Method, canonical_name, count_parameters, format_percent
 from .catalog import CATEGORIES, METHODS, adapt, get_method, load_adapted, method_table
 from .spec import ALL_LINEAR, DEFAULT_ALPHA, DEFAULT_DROPOUT, DEFAULT_RANK, MethodSpec, MethodSpecError
 
@@ -24,6 +24,7 @@ __all__ = [
     "adapt",
     "canonical_name",
     "count_parameters",
+    "format_percent",
     "get_method",
     "load_adapted",
     "method_table",

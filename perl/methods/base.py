@@ -226,6 +226,11 @@ class AdaptedPolicy:
         return os.path.abspath(out_dir)
 
 
+def format_percent(p: float) -> str:
+    """A trainable share as the paper's tables print it (100%, 1.23%, 0.0123%)."""
+    return f"{p:.0f}%" if p >= 99.995 else (f"{p:.2f}%" if p >= 0.1 else f"{p:.4f}%")
+
+
 def _json_default(obj: Any) -> Any:
     if isinstance(obj, (tuple, set)):
         return list(obj)

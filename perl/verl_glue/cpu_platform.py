@@ -1,28 +1,47 @@
-"""A CPU platform for verl (`VERL_PLATFORM=cpu`), registered through verl's own platform plugin hook.
+"""verl on a machine without an accelerator: a CPU platform for verl 0.9.1's whole trainer.
 
 verl 0.9.1 has no CPU platform: on a machine without an accelerator it falls back to "nvidia" and
-every `get_device_id()` ends in `torch.cuda.current_device()`. With this platform selected, verl's
-FSDP engine code (model/optimizer build, FSDP2 wrapping and state broadcast, forward/backward,
-optimizer step, checkpoint manager) runs on CPU under gloo, which is how PeRL's tests exercise the
-engine subclass without a GPU. Nothing selects it unless `VERL_PLATFORM=cpu` is set before verl
-first asks for its platform; training proper still needs a GPU (vLLM rollout).
+every `get_device_id()` ends in `torch.cuda.current_device()`. This module registers one through
+verl's own hooks, and is loaded in every process that imports verl (the driver, the task runner,
+the FSDP workers, the vLLM server actors) by PeRL's `verl.plugins` entry point (setup.py).
+
+What the trainer needs on CPU, and where each piece is answered:
+
+- device calls (`get_torch_device()`, `current_device()`, seeds, memory stats): `PlatformCPU`
+  with a device module that is `torch.cpu` plus the calls verl makes on it;
+- Ray placement: verl asks Ray for accelerator slots (`num_gpus` per worker) and reads their ids
+  (`get_accelerator_ids()["GPU"]`) when it lays out the vLLM servers. On CPU the run declares as
+  many logical "GPU" slots as it has workers (`ray_kwargs.ray_init.num_gpus`, set by
+  perl.verl_glue.config.cpu_settings): they are placement tokens, nothing runs on them;
+- the process group: verl initialises `cpu:gloo,<device>:<backend>`, which on CPU would name the
+  cpu device twice; `initialize_global_process_group_ray` is wrapped to use `gloo` alone when this
+  platform is active (the one change to a verl function; patches/README.md);
+- the vLLM server: `rollout_env_vars()` (KV-cache size, thread binding) and PeRL's vLLM plugin
+  (perl.verl_glue.vllm_cpu_plugin) that keeps weights updatable.
+
+Selection: only where no other registered platform (CUDA, ROCm, NPU, ...) claims the machine, or
+explicitly with `VERL_PLATFORM=cpu`. A GPU node is never run on CPU by accident.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 import types
 from contextlib import contextmanager
 from typing import Any, Optional
 
 import torch
 from verl.plugin.platform.platform_base import PlatformBase
-from verl.plugin.platform.platform_manager import PlatformRegistry
+from verl.plugin.platform.platform_manager import PlatformRegistry, get_platform
 
 PLATFORM_NAME = "cpu"
+# vLLM CPU: GiB of KV cache per server (vLLM's default is 4; the toy needs far less). Kept if set.
+DEFAULT_KVCACHE_GIB = "1"
 
 
 class _CPUDeviceModule(types.ModuleType):
-    """`torch.cpu` plus the no-op memory/RNG calls verl makes on its device module."""
+    """`torch.cpu` plus the memory/RNG calls verl makes on its device module."""
 
     def __init__(self) -> None:
         super().__init__("perl_cpu_device")
@@ -55,6 +74,14 @@ class _CPUDeviceModule(types.ModuleType):
         return None
 
     @staticmethod
+    def ipc_collect() -> None:
+        return None
+
+    @staticmethod
+    def get_device_name(device: Any = None) -> str:
+        return "CPU"  # verl's FLOPs table has no CPU entry: MFU is reported as 0
+
+    @staticmethod
     def get_rng_state(device: Any = None) -> torch.Tensor:
         return torch.get_rng_state()
 
@@ -76,7 +103,13 @@ class _CPUDeviceModule(types.ModuleType):
 
     @staticmethod
     def mem_get_info(device: Any = None) -> tuple[int, int]:
-        return 0, 0
+        """Host memory (free, total): verl's memory logging divides by the total."""
+        try:
+            pages, free = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_AVPHYS_PAGES")
+            size = os.sysconf("SC_PAGE_SIZE")
+            return free * size, pages * size
+        except (ValueError, OSError):
+            return 1, 1
 
     @staticmethod
     def reset_peak_memory_stats(device: Any = None) -> None:
@@ -90,9 +123,23 @@ class _CPUDeviceModule(types.ModuleType):
 _DEVICE_MODULE = _CPUDeviceModule()
 
 
+def _other_platform_claims_machine() -> bool:
+    """Whether a platform registered before this one (CUDA, ROCm, NPU, ...) finds its hardware."""
+    for name in PlatformRegistry.registered_names():
+        if name == PLATFORM_NAME:
+            continue
+        cls = PlatformRegistry.get(name)
+        try:
+            if cls is not None and cls().is_platform_available(use_smi_check=True):
+                return True
+        except Exception:  # a platform's probe failing means it is not there
+            continue
+    return False
+
+
 @PlatformRegistry.register(platform=PLATFORM_NAME)
 class PlatformCPU(PlatformBase):
-    """gloo + CPU tensors; for tests and dry runs, not for training runs."""
+    """gloo + CPU tensors; Ray "GPU" slots are placement tokens (see the module docstring)."""
 
     @property
     def device_name(self) -> str:
@@ -110,7 +157,7 @@ class PlatformCPU(PlatformBase):
         return True
 
     def is_platform_available(self, use_smi_check: bool = False) -> bool:
-        return False  # never auto-detected: only VERL_PLATFORM=cpu selects it
+        return not _other_platform_claims_machine()
 
     def current_device(self) -> str:
         return "cpu"
@@ -143,7 +190,8 @@ class PlatformCPU(PlatformBase):
         return "gloo"
 
     def visible_devices_envvar(self) -> str:
-        return "PERL_CPU_VISIBLE_DEVICES"
+        # Ray sets it for its "GPU" slots; nothing on CPU reads it.
+        return "CUDA_VISIBLE_DEVICES"
 
     @contextmanager
     def nvtx_range(self, msg: str):
@@ -156,7 +204,10 @@ class PlatformCPU(PlatformBase):
         return None
 
     def ray_resource_name(self) -> str:
-        return "CPU"
+        return "GPU"
+
+    def ray_resource_options(self, num_gpus: float) -> dict[str, Any]:
+        return {"num_gpus": num_gpus}
 
     def ray_noset_envvars(self) -> list[str]:
         return []
@@ -164,5 +215,41 @@ class PlatformCPU(PlatformBase):
     def is_ipc_supported(self) -> bool:
         return False
 
+    def rollout_env_vars(self) -> dict[str, str]:
+        return {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", DEFAULT_KVCACHE_GIB)}
+
     def cudart(self) -> Any:
         return None
+
+
+def on_cpu() -> bool:
+    """Whether verl resolved (or will resolve) this process to the CPU platform."""
+    return get_platform().device_name == PLATFORM_NAME
+
+
+def _gloo_process_group(init):
+    """verl's `initialize_global_process_group_ray` builds the backend string
+    `cpu:gloo,{device}:{backend}`, which names the cpu device twice on this platform; here the
+    backend is plain gloo. Elsewhere the call is verl's, unchanged."""
+
+    @functools.wraps(init)
+    def initialize(timeout_second=None, backend=None):
+        if backend is None and on_cpu():
+            backend = "gloo"
+        return init(timeout_second=timeout_second, backend=backend)
+
+    initialize.__perl_wrapped__ = True
+    return initialize
+
+
+def install() -> None:
+    """verl's `verl.plugins` entry point (idempotent): the platform is registered on import; the
+    process-group wrapper is installed before verl's worker modules bind the function."""
+    from verl.utils import distributed
+
+    if not getattr(distributed.initialize_global_process_group_ray, "__perl_wrapped__", False):
+        distributed.initialize_global_process_group_ray = _gloo_process_group(
+            distributed.initialize_global_process_group_ray)
+
+
+install()

@@ -46,12 +46,11 @@ from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
 from perl.methods import AdaptedPolicy, MethodSpec, adapt
 from perl.methods.base import Method, canonical_name
 from perl.sync.lora import NEEDS_BASE_SYNC
+from perl.verl_glue.run_dir import ADAPTER_DIR, STATE_FILE
 
 logger = logging.getLogger(__name__)
 
 PERL_KEY = "perl"  # actor_rollout_ref.model.lora.perl: the resolved peft block (see perl.verl_glue.config)
-ADAPTER_DIR = "perl_adapter"  # peft-format adapter inside each verl checkpoint directory
-STATE_FILE = "perl_state.pt"  # PeRL step counter + AdaLoRA allocator state (replicated, rank 0 writes)
 FULL_TENSOR_HOOKS = ("adalora",)  # per-step hooks that need whole tensors (see after_optimizer_step)
 
 # (device, vendor) keys verl's EngineRegistry looks up before its device-only defaults.
@@ -172,10 +171,16 @@ class PerlFSDPEngine(FSDPEngineWithLMHead):
         super().__init__(model_config, engine_config, optimizer_config, checkpoint_config)
         self.perl = perl_block(model_config)
         self.policy: AdaptedPolicy | None = None
+        self.sgrpo = None
         self._initial_adapter: dict[str, torch.Tensor] = {}
         if self.perl is None:
             return
         self.spec = MethodSpec.from_dict(self.perl["spec"])
+        sgrpo = self.perl.get("sgrpo")  # S-GRPO's token subset: the shortened forward (token_subset.py)
+        if sgrpo is not None:
+            from perl.algos.token_efficient import SGRPOConfig
+
+            self.sgrpo = SGRPOConfig(**sgrpo)
         self.adapter_sync = str(self.perl.get("adapter_sync", "merged"))
         self.sync_dtype = getattr(torch, str(self.perl.get("sync_dtype", "bfloat16")))
         if engine_config.strategy != "fsdp2":
@@ -301,12 +306,52 @@ class PerlFSDPEngine(FSDPEngineWithLMHead):
         return self.policy is not None and type(self.policy.method).extra_loss is not Method.extra_loss
 
     def forward_backward_batch(self, data, loss_function, forward_only=False):
+        stats: dict[str, float] = {}
+        if not forward_only and self.sgrpo is not None:
+            data, stats = self.cut_to_sgrpo_subset(data)
         output = super().forward_backward_batch(data, loss_function, forward_only=forward_only)
         if not forward_only and self._has_extra_loss():
             extra = self.extra_loss_backward()
-            if extra is not None and isinstance(output, dict) and isinstance(output.get("metrics"), dict):
-                output["metrics"]["actor/perl_extra_loss"] = [extra]  # verl's metrics are per-micro-batch lists
+            if extra is not None:
+                stats["actor/perl_extra_loss"] = extra
+        if stats and isinstance(output, dict) and isinstance(output.get("metrics"), dict):
+            output["metrics"].update({k: [v] for k, v in stats.items()})  # verl's metrics are per-micro-batch lists
         return output
+
+    # ----- S-GRPO: the forward only where the loss is (perl.verl_glue.token_subset) ---------------
+    def cut_to_sgrpo_subset(self, data):
+        """Draw T_i for this optimizer step (seeded by step and rank) and cut the mini-batch to it."""
+        from perl.verl_glue.token_subset import cut_to_subset
+
+        seed = (int(self.perl.get("seed", 0)) * 1_000_003 + self.policy.optimizer_steps) * 4099 + self.rank
+        return cut_to_subset(data, self.sgrpo, torch.Generator().manual_seed(seed))
+
+    def prepare_model_inputs(self, micro_batch):
+        model_inputs, output_args = super().prepare_model_inputs(micro_batch)
+        from perl.verl_glue.token_subset import SELECTED, loss_positions
+
+        if SELECTED in micro_batch.keys():
+            from verl.utils import tensordict_utils as tu
+
+            rmpad = tu.get_non_tensor_data(data=micro_batch, key="use_remove_padding", default=True)
+            keep = loss_positions(micro_batch, use_remove_padding=rmpad).to(model_inputs["input_ids"].device)
+            model_inputs["logits_to_keep"] = keep  # HF causal LMs: lm_head(hidden[:, keep])
+            output_args["perl_keep"] = keep
+        return model_inputs, output_args
+
+    def prepare_model_outputs(self, output, output_args, micro_batch, logits_processor_func):
+        keep = output_args.get("perl_keep")
+        if keep is None:
+            return super().prepare_model_outputs(output, output_args, micro_batch, logits_processor_func)
+        from verl.utils import tensordict_utils as tu
+
+        from perl.verl_glue.token_subset import subset_log_probs
+
+        return subset_log_probs(output.logits, keep, output_args, micro_batch,
+                                use_remove_padding=tu.get_non_tensor_data(data=micro_batch, key="use_remove_padding",
+                                                                          default=True),
+                                calculate_entropy=tu.get_non_tensor_data(data=micro_batch, key="calculate_entropy",
+                                                                         default=False))
 
     def extra_loss_backward(self) -> float | None:
         """Add the method's extra loss (AdaLoRA's orthogonal regulariser) once per optimizer step."""
@@ -539,4 +584,6 @@ def register() -> type[PerlFSDPEngine]:
 
 register()
 
-import perl.algos  # noqa: E402, F401  (registers the S-GRPO / T-SPMO losses into verl's policy-loss registry)
+from perl.algos import register_with_verl  # noqa: E402
+
+register_with_verl()  # the S-GRPO / T-SPMO policy losses, in every worker that builds this engine

