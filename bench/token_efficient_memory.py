@@ -133,7 +133,8 @@ def run_variant(args) -> dict:
     saved: dict[int, int] = {}
 
     def pack(t):
-        s = t.untyped_storage()
+        # a nested (jagged) tensor has no storage of its own: count its packed values
+        s = (t.values() if t.is_nested else t).untyped_storage()
         if s.data_ptr() not in params:
             saved[s.data_ptr()] = s.nbytes()
         return t
