@@ -93,7 +93,8 @@ def run_variant(args) -> dict:
 
     os.environ.setdefault("VERL_PLATFORM", "cpu")
     import perl.verl_glue.engine  # noqa: F401  (the CPU platform and PeRL's engine)
-    from perl.verl_glue.smoke import batch_meta, build_actor_engine, cfg_for, response_log_probs, to_tensordict
+    from perl.verl_glue.smoke import (batch_meta, build_actor_engine, cfg_for, response_log_probs, sequence_rows,
+                                      to_tensordict)
     from perl.verl_glue.token_subset import SELECTED
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
@@ -107,17 +108,11 @@ def run_variant(args) -> dict:
     engine, loss_fn = build_actor_engine(cfg)
     vocab = engine.policy.model.get_base_model().config.vocab_size
     gen = torch.Generator().manual_seed(1)
-    rows = {k: [] for k in ("prompts", "responses", "response_mask", "loss_mask", "input_ids", "position_ids",
-                            "advantages")}
-    for i in range(g):
-        prompt, response = torch.randint(2, vocab, (p_len,), generator=gen), torch.randint(2, vocab, (r_len,), generator=gen)
-        rows["prompts"].append(prompt)
-        rows["responses"].append(response)
-        rows["response_mask"].append(torch.ones(r_len, dtype=torch.int64))
-        rows["loss_mask"].append(torch.ones(r_len, dtype=torch.int64))
-        rows["input_ids"].append(torch.cat([prompt, response]))
-        rows["position_ids"].append(torch.arange(p_len + r_len))
-        rows["advantages"].append(torch.full((r_len,), -1.0 + 2.0 * i / (g - 1)))
+    prompts, responses = [], []
+    for _ in range(g):
+        prompts.append(torch.randint(2, vocab, (p_len,), generator=gen))
+        responses.append(torch.randint(2, vocab, (r_len,), generator=gen))
+    rows = sequence_rows(prompts, responses, [-1.0 + 2.0 * i / (g - 1) for i in range(g)])
     if args.variant == "sgrpo_mask":  # the subset engine S-GRPO would draw, as a plain loss mask
         from perl.algos.token_efficient import SGRPOConfig
         from perl.verl_glue.token_subset import cut_to_subset

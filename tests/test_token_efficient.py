@@ -189,20 +189,17 @@ def _minibatch(seed=0, n=4, vocab=256):
     """A mini-batch in the layout verl's trainer hands the engine (jagged per-sequence tensors)."""
     from verl.utils import tensordict_utils as tu
 
+    from perl.verl_glue.smoke import sequence_rows
+
     g = torch.Generator().manual_seed(seed)
-    rows = {k: [] for k in ("prompts", "responses", "response_mask", "loss_mask", "input_ids", "position_ids",
-                            "advantages", "old_log_probs")}
+    prompts, responses, old_log_probs = [], [], []
     for i in range(n):
         p, r = 3 + i % 3, 9 + 3 * i
-        prompt, response = torch.randint(0, vocab, (p,), generator=g), torch.randint(0, vocab, (r,), generator=g)
-        rows["prompts"].append(prompt)
-        rows["responses"].append(response)
-        rows["response_mask"].append(torch.ones(r, dtype=torch.int64))
-        rows["loss_mask"].append(torch.ones(r, dtype=torch.int64))
-        rows["input_ids"].append(torch.cat([prompt, response]))
-        rows["position_ids"].append(torch.arange(p + r))
-        rows["advantages"].append(torch.full((r,), float(i) - 1.5))
-        rows["old_log_probs"].append(-torch.rand(r, generator=g))
+        prompts.append(torch.randint(0, vocab, (p,), generator=g))
+        responses.append(torch.randint(0, vocab, (r,), generator=g))
+        old_log_probs.append(-torch.rand(r, generator=g))
+    rows = sequence_rows(prompts, responses, [float(i) - 1.5 for i in range(n)])
+    rows["old_log_probs"] = old_log_probs
     data = tu.get_tensordict(tensor_dict={k: _nested(v) for k, v in rows.items()}, non_tensor_dict={})
     return data, rows
 

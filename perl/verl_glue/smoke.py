@@ -76,25 +76,36 @@ def build_actor_engine(cfg: DictConfig, *, initialize: bool = True):
     return engine, partial(ppo_loss, config=actor_config)
 
 
-def synthetic_batch(n_seqs: int, *, vocab: int, seed: int, prompt_len: tuple[int, int] = (3, 6),
-                    response_len: tuple[int, int] = (2, 8)) -> dict[str, list]:
-    """Per-sequence tensors as verl's agent loop writes them (prompts, responses, masks, ids, positions)."""
-    g = torch.Generator().manual_seed(seed)
+def sequence_rows(prompts: list[torch.Tensor], responses: list[torch.Tensor],
+                  advantages: list[float]) -> dict[str, list]:
+    """Per-sequence tensors as verl's agent loop writes them (prompts, responses, masks, ids,
+    positions, one advantage per sequence) for the given token ids."""
     rows: dict[str, list] = {k: [] for k in ("prompts", "responses", "response_mask", "loss_mask", "input_ids",
                                              "position_ids", "advantages")}
-    for _ in range(n_seqs):
-        p = int(torch.randint(prompt_len[0], prompt_len[1] + 1, (1,), generator=g))
-        r = int(torch.randint(response_len[0], response_len[1] + 1, (1,), generator=g))
-        prompt = torch.randint(0, vocab, (p,), generator=g)
-        response = torch.randint(0, vocab, (r,), generator=g)
+    for prompt, response, advantage in zip(prompts, responses, advantages):
+        r = len(response)
         rows["prompts"].append(prompt)
         rows["responses"].append(response)
         rows["response_mask"].append(torch.ones(r, dtype=torch.int64))
         rows["loss_mask"].append(torch.ones(r, dtype=torch.int64))
         rows["input_ids"].append(torch.cat([prompt, response]))
-        rows["position_ids"].append(torch.arange(p + r))
-        rows["advantages"].append(torch.full((r,), float(torch.randn(1, generator=g))))
+        rows["position_ids"].append(torch.arange(len(prompt) + r))
+        rows["advantages"].append(torch.full((r,), float(advantage)))
     return rows
+
+
+def synthetic_batch(n_seqs: int, *, vocab: int, seed: int, prompt_len: tuple[int, int] = (3, 6),
+                    response_len: tuple[int, int] = (2, 8)) -> dict[str, list]:
+    """`sequence_rows` of random prompts, responses and advantages."""
+    g = torch.Generator().manual_seed(seed)
+    prompts, responses, advantages = [], [], []
+    for _ in range(n_seqs):
+        p = int(torch.randint(prompt_len[0], prompt_len[1] + 1, (1,), generator=g))
+        r = int(torch.randint(response_len[0], response_len[1] + 1, (1,), generator=g))
+        prompts.append(torch.randint(0, vocab, (p,), generator=g))
+        responses.append(torch.randint(0, vocab, (r,), generator=g))
+        advantages.append(float(torch.randn(1, generator=g)))
+    return sequence_rows(prompts, responses, advantages)
 
 
 def to_tensordict(rows: dict[str, list], meta: dict[str, Any]):
