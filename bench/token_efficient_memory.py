@@ -70,7 +70,7 @@ def save_model(args, path: str) -> str:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from perl.engine.tokenizer import char_tokenizer
+    from perl.generation.tokenizer import char_tokenizer
     from perl.models import build_config
 
     config = build_config(args.arch)
@@ -93,7 +93,7 @@ def run_variant(args) -> dict:
 
     os.environ.setdefault("VERL_PLATFORM", "cpu")
     import perl.verl_glue.engine  # noqa: F401  (the CPU platform and PeRL's engine)
-    from perl.verl_glue.smoke import (batch_meta, build_actor_engine, cfg_for, response_log_probs, sequence_rows,
+    from perl.verl_glue.standalone_actor import (batch_meta, build_actor_engine, cfg_for, response_log_probs, sequence_rows,
                                       to_tensordict)
     from perl.verl_glue.token_subset import SELECTED
 

@@ -16,7 +16,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _docs import DOC, write_section  # noqa: E402
 
-from perl.local.bench_toy import FULL_LR_RATIO, bench_toy  # noqa: E402
+from perl.toy.bench import bench_toy  # noqa: E402
+from perl.methods import get_method  # noqa: E402
 from perl.methods import METHODS  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,7 +44,7 @@ def main() -> None:
         "### All methods on the CPU toy task (`perl bench toy` / `bench/toy_methods.py`)",
         "",
         f"Config `examples/toy.yaml` (DAPO, same steps, batch and seed for every method; overrides: "
-        f"{' '.join(overrides) or 'none'}). Adapters r=8, alpha=16; full fine-tuning at {FULL_LR_RATIO:g}x the lr "
+        f"{' '.join(overrides) or 'none'}). Adapters r=8, alpha=16; full fine-tuning at {get_method('full').lr_scale:g}x the lr "
         "(the paper's 1e-6 vs 1e-5). Held-out: Avg@4 on 200 unseen problems, the same sample seeds before and after.",
         "",
         "| method | category | trainable % | lr | Avg@4 before | after | gain |",

@@ -29,9 +29,9 @@ def main() -> None:
     import torch
 
     from perl.data import arithmetic_rows
-    from perl.engine import SamplingConfig, sample
-    from perl.engine.tokenizer import prompt_ids
-    from perl.local import ToyConfig, cold_start
+    from perl.generation import SamplingConfig, sample
+    from perl.generation.tokenizer import prompt_ids
+    from perl.toy import ToyConfig, cold_start
 
     model, tok, _ = cold_start(ToyConfig())
     rows = arithmetic_rows(args.prompts, 2, ("add",), seed=5)

@@ -152,8 +152,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from perl.engine import SamplingConfig
-    from perl.engine.tokenizer import load_tokenizer
+    from perl.generation import SamplingConfig
+    from perl.generation.tokenizer import load_tokenizer
     from perl.eval import EvalConfig, evaluate
     from perl.eval.backends import VLLMBackend, choose_backend
     from perl.methods import load_adapted
@@ -230,7 +230,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from perl.local.bench_toy import bench_toy
+    from perl.toy.bench import bench_toy
     from perl.methods import METHODS
 
     if not os.path.exists(args.config):

@@ -9,8 +9,8 @@ import pytest
 
 from conftest import fresh_base
 from perl.data import prepare, write_parquet
-from perl.engine import SamplingConfig
-from perl.engine.tokenizer import char_tokenizer
+from perl.generation import SamplingConfig
+from perl.generation.tokenizer import char_tokenizer
 from perl.eval import EvalConfig, evaluate, sample_seed
 
 
@@ -84,7 +84,7 @@ def test_eval_cli(setup, tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "toy: Avg@2" in proc.stdout
-    from perl.engine.tokenizer import load_tokenizer
+    from perl.generation.tokenizer import load_tokenizer
 
     msg = [{"role": "user", "content": "What is 2 + 3?"}]
     reloaded = load_tokenizer(str(model_dir)).apply_chat_template(msg, add_generation_prompt=True, tokenize=True)
@@ -93,7 +93,7 @@ def test_eval_cli(setup, tmp_path):
 
 
 def test_backend_choice_and_vllm_requests():
-    from perl.engine import SamplingConfig
+    from perl.generation import SamplingConfig
     from perl.eval.backends import choose_backend, vllm_available, vllm_sampling_kwargs
 
     assert choose_backend("auto", cuda=False) == "hf"

@@ -19,7 +19,7 @@ def test_smollm2_example_trains_through_verl_on_real_weights(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from perl.local.pretrained import pretrained_model_dir
+    from perl.toy.pretrained import pretrained_model_dir
     from perl.verl_glue.run_dir import adapter_dir
 
     run = tmp_path / "run"

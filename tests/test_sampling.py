@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import fresh_base
-from perl.engine import SamplingConfig, sample
+from perl.generation import SamplingConfig, sample
 
 EOS, PAD = 1, 0
 

@@ -10,9 +10,11 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import batch, fresh_base, logits_of, train_steps
-from perl.methods import METHODS, adapt
+from perl.methods import METHODS, adapt, method_names
 from perl.sync import base_weights, merged_state_dict, merged_weights
-from perl.sync.lora import ADAPTER_SYNC_METHODS, lora_adapter
+from perl.sync.lora import lora_adapter
+
+ADAPTER_SYNC_METHODS = method_names(lambda m: m.vllm_lora)
 
 SPEC = {"rank": 4, "alpha": 8.0}
 

@@ -100,7 +100,7 @@ def metrics(run_dir: str) -> list[dict]:
 def toy_cache(tmp_path_factory):
     """The toy's cold start, built once per session (or taken from $PERL_TEST_CACHE)."""
     cache = os.environ.get("PERL_TEST_CACHE") or str(tmp_path_factory.mktemp("perl-cache"))
-    from perl.local.toy import ToyConfig, cold_start_dir
+    from perl.toy.task import ToyConfig, cold_start_dir
 
     os.environ["PERL_CACHE"] = cache
     try:

@@ -14,8 +14,7 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
-from perl.methods import METHODS
-from perl.sync.lora import ADAPTER_SYNC_METHODS
+from perl.methods import METHODS, get_method
 from perl.verl_glue import config as vc
 from perl.verl_glue.entry import main
 
@@ -50,7 +49,7 @@ def test_every_method_composes_and_passes_verl_validation(paths, method):
     assert model.lora.merge is True and model.lora.perl.spec.name == method
     assert model.external_lib == "perl.verl_glue.engine"
     assert vc.verl_validate(cfg) is False  # merged sync: nothing of verl's validation skipped
-    if method in ADAPTER_SYNC_METHODS:
+    if get_method(method).vllm_lora:
         cfg = vc.compose({"peft": {"name": method, "adapter_sync": "adapter"}}, ready(paths))
         assert cfg.actor_rollout_ref.model.lora.merge is False
         vc.check(cfg, require_vllm=False)
@@ -279,7 +278,7 @@ def test_toy_block_errors_name_the_field(overrides, text):
 
 
 def test_the_toy_sets_its_model_data_and_heldout_set(tmp_path):
-    from perl.local.toy import ToyTask
+    from perl.toy.task import ToyTask
 
     cfg = vc.resolved(vc.compose(os.path.join(ROOT, "examples", "toy.yaml"),
                                  [f"trainer.default_local_dir={tmp_path / 'run'}"]))

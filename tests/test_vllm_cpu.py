@@ -25,8 +25,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def toy_model(tmp_path_factory):
     """A small Llama with the character tokenizer (vLLM serves head size 32), random weights."""
-    from perl.engine.tokenizer import char_tokenizer
-    from perl.local.toy import ToyConfig
+    from perl.generation.tokenizer import char_tokenizer
+    from perl.toy.task import ToyConfig
 
     tok = char_tokenizer()
     config = ToyConfig(layers=2).model_config(len(tok), tok.pad_token_id, tok.eos_token_id)
@@ -42,7 +42,7 @@ def toy_model(tmp_path_factory):
 
 def test_perl_eval_vllm_backend_seeds_every_sample_and_resumes(tmp_path, toy_model):
     from perl.data import write_parquet
-    from perl.local.toy import ToyConfig, toy_rows
+    from perl.toy.task import ToyConfig, toy_rows
 
     data = write_parquet(toy_rows(6, ToyConfig(), "test", seed=3), str(tmp_path / "toy.parquet"))
     out = tmp_path / "eval"

@@ -44,7 +44,7 @@ def load_run(path: str) -> Run:
     method = info.get("method")
     category = METHODS[method].category if method in METHODS else "Baseline"
     trainable = info.get("trainable_percent")
-    if method == "full":
+    if method in METHODS and METHODS[method].trains_every_parameter:
         trainable = 100.0
     metrics = info.get("metrics")
     if not (metrics and os.path.exists(metrics)):

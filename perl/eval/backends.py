@@ -12,13 +12,13 @@ import importlib.util
 from collections.abc import Sequence
 from typing import Any
 
-from perl.engine import SamplingConfig, sample
+from perl.generation import SamplingConfig, sample
 
 BACKENDS = ("auto", "hf", "vllm")
 
 
 class HFBackend:
-    """The model in this process (CPU or one GPU), sampled by `perl.engine.sample`."""
+    """The model in this process (CPU or one GPU), sampled by `perl.generation.sample`."""
 
     name = "hf"
 

@@ -20,9 +20,9 @@ from typing import Any
 import pandas as pd
 from tqdm import tqdm
 
-from perl.engine import SamplingConfig
+from perl.generation import SamplingConfig
 from perl.reward import MathReward
-from perl.engine.tokenizer import prompt_ids
+from perl.generation.tokenizer import prompt_ids
 
 from .backends import HFBackend, VLLMBackend
 from .metrics import benchmark_metrics, sample_seed

@@ -44,6 +44,17 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return total
 
 
+def fp32(t: torch.Tensor) -> torch.Tensor:
+    """A detached fp32 copy or view (merge rules compute in fp32)."""
+    return t.detach().to(torch.float32)
+
+
+def check_linear(layer: nn.Module) -> None:
+    """Merge rules write `W + dW` in nn.Linear's (out, in) layout; refuse transposed Conv1D layers."""
+    if getattr(layer, "fan_in_fan_out", False):
+        raise NotImplementedError(f"{type(layer).__name__}: fan_in_fan_out (Conv1D) layers are not supported by the sync")
+
+
 def _is_norm(module: nn.Module) -> bool:
     cls = type(module).__name__
     return isinstance(module, nn.LayerNorm) or cls.endswith("RMSNorm") or cls.endswith("LayerNorm")
@@ -106,6 +117,28 @@ class Method:
     options: ClassVar[dict[str, Any]] = {}  # method-specific options and their defaults
     target_kind: ClassVar[str | None] = "linear"  # "linear", "norm", or None (no targets)
 
+    # ----- capabilities: what the trainer, the sync and the analysis ask a method (never its name) -----
+    # Trains every weight of the model itself: no adapter (nothing to disable for a reference policy,
+    # verl's lora_rank is 0), the whole model is the checkpoint, 100% trainable in the tables.
+    trains_every_parameter: ClassVar[bool] = False
+    # Its learning rate relative to the adapters' (the paper: full fine-tuning at 1e-6 against 1e-5).
+    lr_scale: ClassVar[float] = 1.0
+    # Its forward is exactly W x + s * B A x, the one adapter form vLLM's LoRA path applies: it may be
+    # synced to vLLM as a LoRA adapter (`peft.adapter_sync=adapter`) instead of merged weights.
+    vllm_lora: ClassVar[bool] = False
+    # Its frozen base is the residual W - s * B0 A0 (PiSSA/MiLoRA), not the checkpoint's W: an adapter
+    # sync must send that base once, and the reference policy is the initial adapter, not no adapter.
+    residual_base: ClassVar[bool] = False
+    # Its whole trainable state sits under `lora_` keys (what verl's `save_lora_only` keeps).
+    lora_keyed: ClassVar[bool] = False
+    # It schedules itself over the run (AdaLoRA's rank budget): the run length is required, and a
+    # resumed run must keep it.
+    needs_run_length: ClassVar[bool] = False
+    # Parameters whose name contains this are read as whole tensors by `after_optimizer_step`
+    # (AdaLoRA's rank allocation): under FSDP the trainer gathers them around the hook. None: the
+    # hook (if any) works on the shards as they are.
+    hook_reads_whole: ClassVar[str | None] = None
+
     # ----- construction -------------------------------------------------------------------
     def default_targets(self, model: nn.Module) -> tuple[str, ...]:
         from .spec import ALL_LINEAR
@@ -131,6 +164,20 @@ class Method:
     def extra_loss(self, policy: AdaptedPolicy) -> torch.Tensor | None:
         """A term the trainer adds to its policy loss (AdaLoRA's orthogonal regulariser)."""
         return None
+
+    def trainer_state(self, policy: AdaptedPolicy) -> dict[str, Any] | None:
+        """State outside the parameters that a trainer checkpoint must carry (AdaLoRA's allocator)."""
+        return None
+
+    def load_trainer_state(self, policy: AdaptedPolicy, state: dict[str, Any]) -> None:
+        """Restore what `trainer_state` returned."""
+
+    # ----- sync -------------------------------------------------------------------------------
+    def merge_layer(self, layer: nn.Module) -> dict[str, torch.Tensor]:
+        """This method's tuner layer merged into its base layer, functionally and in fp32:
+        `{parameter name in the base layer: tensor}` (names left out keep the base's value).
+        `perl.sync.merged_weights` calls it for every peft tuner layer of the model."""
+        raise NotImplementedError(f"method {self.name} has no merge rule for {type(layer).__name__}")
 
     # ----- persistence ----------------------------------------------------------------------
     def save(self, policy: AdaptedPolicy, out_dir: str) -> None:

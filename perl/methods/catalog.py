@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -23,7 +23,9 @@ from .base import (
     Method,
     MethodSpecError,
     canonical_name,
+    check_linear,
     count_parameters,
+    fp32,
     norm_leaf_names,
     resolve_targets,
 )
@@ -42,6 +44,11 @@ def register(cls: type[Method]) -> type[Method]:
         raise RuntimeError(f"method {cls.name!r}: unknown category {cls.category!r}")
     METHODS[cls.name] = cls()
     return cls
+
+
+def method_names(where: Callable[[Method], bool]) -> tuple[str, ...]:
+    """The registered methods with a capability, in registry order (for messages and tests)."""
+    return tuple(name for name, m in METHODS.items() if where(m))
 
 
 def get_method(name: str) -> Method:
@@ -115,6 +122,8 @@ class Full(Method):
     category = "Baseline"
     summary = "every parameter"
     target_kind = None
+    trains_every_parameter = True
+    lr_scale = 0.1  # the paper trains full fine-tuning at 1e-6 against 1e-5 for the adapters
 
     def build(self, model, spec, options, targets, state):
         for p in model.parameters():
@@ -153,7 +162,7 @@ def _tied_parameter_names(model: nn.Module) -> set[str]:
     return {n for names in by_id.values() if len(names) > 1 for n in names}
 
 
-class _PeftTuner(Method):
+class PeftTuner(Method):
     """Methods that are one peft tuner config applied with `get_peft_model`."""
 
     def peft_config(self, spec: MethodSpec, options: dict[str, Any], targets: tuple[str, ...], state: dict[str, Any]):
@@ -167,8 +176,28 @@ class _PeftTuner(Method):
         return get_peft_model(model, self.peft_config(spec, options, targets, state))
 
 
-class _LoraFamily(_PeftTuner):
+class LoraFamily(PeftTuner):
     """Methods built as peft `LoraConfig` variants (B @ A added to a linear layer)."""
+
+    lora_keyed = True
+    vllm_lora = True  # plain LoRA forward; DoRA turns this off
+
+    def merge_layer(self, layer):
+        """W + s * B A; DoRA: m * (W + s * B A) / ||W + s * B A||_row (peft's merge formula).
+        PiSSA/MiLoRA need nothing more: their base layer already holds the residual."""
+        check_linear(layer)
+        w = fp32(layer.get_base_layer().weight)
+        for adapter in layer.active_adapters:
+            if adapter not in layer.lora_A:
+                continue
+            delta = fp32(layer.lora_B[adapter].weight) @ fp32(layer.lora_A[adapter].weight) * layer.scaling[adapter]
+            if layer.use_dora.get(adapter, False):
+                magnitude = fp32(layer.lora_magnitude_vector[adapter].weight)
+                combined = w + delta
+                w = (magnitude / torch.linalg.norm(combined, dim=1)).unsqueeze(1) * combined
+            else:
+                w = w + delta
+        return {"weight": w}
 
     def lora_kwargs(self, spec: MethodSpec, options: dict[str, Any]) -> dict[str, Any]:
         return {}
@@ -192,7 +221,7 @@ class _LoraFamily(_PeftTuner):
 
 
 @register
-class Lora(_LoraFamily):
+class Lora(LoraFamily):
     name = "lora"
     category = "Baseline"
     summary = "B, A (A gaussian, B zero), scale alpha/r"
@@ -204,20 +233,24 @@ class Lora(_LoraFamily):
 
 
 @register
-class Dora(_LoraFamily):
+class Dora(LoraFamily):
     name = "dora"
     category = "Structural"
     summary = "B, A and magnitude m (weight-decomposed LoRA)"
+    vllm_lora = False  # vLLM has no DoRA kernel (it rejects the adapter)
 
     def lora_kwargs(self, spec, options):
         return {"use_dora": True}
 
 
 @register
-class Adalora(_PeftTuner):
+class Adalora(PeftTuner):
     name = "adalora"
     category = "Structural"
     summary = "P, Lambda, Q in SVD form; rank budget reallocated every step"
+    lora_keyed = True  # lora_A / lora_E / lora_B
+    needs_run_length = True  # the rank-budget schedule (tinit, tfinal, total_step)
+    hook_reads_whole = ".lora_"  # the allocator scores and masks whole P, Lambda, Q
     options = {
         "init_r": None,  # default: round(1.5 * rank); the budget starts here ...
         "target_r": None,  # default: rank; ... and ends here (average per module)
@@ -302,6 +335,31 @@ class Adalora(_PeftTuner):
             warnings.filterwarnings("ignore", message="The following rank_pattern keys did not match")
             return super().load(base_model, in_dir, meta, is_trainable, state)
 
+    def trainer_state(self, policy):
+        # peft keeps the allocator's importance averages outside the parameters; without them a
+        # resumed run would reallocate from scratch
+        base = policy.model.base_model
+        alloc = base.rankallocator
+        return {"rank_pattern": base.peft_config["default"].rank_pattern,
+                "ipt": alloc.ipt, "exp_avg_ipt": alloc.exp_avg_ipt, "exp_avg_unc": alloc.exp_avg_unc}
+
+    def load_trainer_state(self, policy, state):
+        base = policy.model.base_model
+        alloc = base.rankallocator
+        base.peft_config["default"].rank_pattern = state["rank_pattern"]
+        alloc.ipt, alloc.exp_avg_ipt, alloc.exp_avg_unc = state["ipt"], state["exp_avg_ipt"], state["exp_avg_unc"]
+
+    def merge_layer(self, layer):
+        """W + s * P (Lambda * Q) / ranknum (peft's AdaLoRA delta)."""
+        check_linear(layer)
+        w = fp32(layer.get_base_layer().weight)
+        for adapter in layer.active_adapters:
+            if adapter not in layer.lora_A:
+                continue
+            a, e, b = fp32(layer.lora_A[adapter]), fp32(layer.lora_E[adapter]), fp32(layer.lora_B[adapter])
+            w = w + b @ (a * e) * layer.scaling[adapter] / (float(layer.ranknum[adapter]) + 1e-5)
+        return {"weight": w}
+
     def budget(self, policy: AdaptedPolicy) -> int:
         """Ranks currently alive: the number of non-zero singular values across all modules."""
         total = 0
@@ -312,7 +370,7 @@ class Adalora(_PeftTuner):
 
 
 @register
-class Miss(_PeftTuner):
+class Miss(PeftTuner):
     name = "miss"
     category = "Structural"
     summary = "shard D of shape (r, d_out), expanded over the input dimension"
@@ -337,6 +395,19 @@ class Miss(_PeftTuner):
             task_type="CAUSAL_LM",
         )
 
+    def merge_layer(self, layer):
+        # MiSS's block expansion is intricate (remainders, bat/mini variants): reuse peft's own functions
+        # on an fp32 copy (they may write into the weight they are given, never into the layer's).
+        w = fp32(layer.get_base_layer().weight).clone()
+        for adapter in layer.active_adapters:
+            if adapter not in layer.miss_block:
+                continue
+            if layer.miss_fn == "bat":
+                w = w + layer.get_delta_weight(adapter, w.clone()).to(torch.float32)
+            else:
+                w = layer.get_delta_weight_miss(adapter, w).to(torch.float32)
+        return {"weight": w}
+
 
 # ----------------------------------------------------------------------------------------------
 # Efficient
@@ -344,7 +415,7 @@ class Miss(_PeftTuner):
 
 
 @register
-class LoraFA(_LoraFamily):
+class LoraFA(LoraFamily):
     name = "lora_fa"
     category = "Efficient"
     summary = "B only; A frozen at its random init"
@@ -373,7 +444,7 @@ class LoraFA(_LoraFamily):
 
 
 @register
-class Vera(_PeftTuner):
+class Vera(PeftTuner):
     name = "vera"
     category = "Efficient"
     summary = "scaling vectors d, b; shared frozen random A, B"
@@ -392,6 +463,20 @@ class Vera(_PeftTuner):
             task_type="CAUSAL_LM",
         )
 
+    def merge_layer(self, layer):
+        """W + (lambda_b * B) (lambda_d * A), with the shared projections cut to the layer's shape."""
+        check_linear(layer)
+        w = fp32(layer.get_base_layer().weight)
+        for adapter in layer.active_adapters:
+            if adapter not in layer.vera_lambda_d:
+                continue
+            a = fp32(layer.vera_A[adapter])[:, : layer.in_features]
+            b = fp32(layer.vera_B[adapter])[: layer.out_features, :]
+            lambda_d = fp32(layer.vera_lambda_d[adapter]).unsqueeze(-1)
+            lambda_b = fp32(layer.vera_lambda_b[adapter]).unsqueeze(-1)
+            w = w + (lambda_b * b) @ (lambda_d * a)
+        return {"weight": w}
+
 
 # ----------------------------------------------------------------------------------------------
 # Initialization
@@ -399,7 +484,7 @@ class Vera(_PeftTuner):
 
 
 @register
-class LoraPlus(_LoraFamily):
+class LoraPlus(LoraFamily):
     name = "lora_plus"
     category = "Initialization"
     summary = "B, A with lr_B = lr_ratio * lr_A"
@@ -424,7 +509,7 @@ class LoraPlus(_LoraFamily):
 
 
 @register
-class RsLora(_LoraFamily):
+class RsLora(LoraFamily):
     name = "rslora"
     category = "Initialization"
     summary = "B, A with scale alpha/sqrt(r)"
@@ -433,7 +518,7 @@ class RsLora(_LoraFamily):
         return {"use_rslora": True}
 
 
-class _SvdInitLora(_LoraFamily):
+class _SvdInitLora(LoraFamily):
     """PiSSA and MiLoRA: A, B from an SVD of W, base replaced by the residual W - s*B@A.
 
     Saved as a plain LoRA delta (rank 2r: [A | A0], [B | -B0], peft's own conversion), so the
@@ -442,6 +527,7 @@ class _SvdInitLora(_LoraFamily):
     """
 
     INITIAL = "initial_adapter"
+    residual_base = True
 
     def build(self, model, spec, options, targets, state):
         model = super().build(model, spec, options, targets, state)
@@ -474,7 +560,7 @@ class _SvdInitLora(_LoraFamily):
 
         spec = MethodSpec.from_dict(meta["spec"])
         state["plain_init"] = True
-        model = _PeftTuner.build(self, base_model, spec, meta["options"], tuple(meta["target_modules"]), state)
+        model = PeftTuner.build(self, base_model, spec, meta["options"], tuple(meta["target_modules"]), state)
         del state["plain_init"]
         delta = load_file(os.path.join(in_dir, "adapter_model.safetensors"))
         r = spec.rank
@@ -546,7 +632,7 @@ class Milora(_SvdInitLora):
 
 
 @register
-class Ia3(_PeftTuner):
+class Ia3(PeftTuner):
     name = "ia3"
     category = "Other"
     summary = "rescaling vectors on k, v outputs and the FFN input of down_proj"
@@ -564,9 +650,24 @@ class Ia3(_PeftTuner):
         _require(not missing, f"ia3: feedforward_modules {missing} must also be in target_modules {list(targets)}")
         return IA3Config(target_modules=list(targets), feedforward_modules=list(ff), task_type="CAUSAL_LM")
 
+    def merge_layer(self, layer):
+        """W scaled by l (rows for k/v outputs, columns for the FFN input); an output bias scales too."""
+        check_linear(layer)
+        base = layer.get_base_layer()
+        w = fp32(base.weight)
+        bias = fp32(base.bias) if base.bias is not None else None
+        for adapter in layer.active_adapters:
+            if adapter not in layer.ia3_l:
+                continue
+            scale = fp32(layer.ia3_l[adapter])  # (out, 1) on outputs, (1, in) on the FFN input
+            w = w * scale
+            if bias is not None and not layer.is_feedforward:
+                bias = bias * scale.reshape(bias.shape)
+        return {"weight": w} if bias is None else {"weight": w, "bias": bias}
+
 
 @register
-class LnTuning(_PeftTuner):
+class LnTuning(PeftTuner):
     name = "ln_tuning"
     category = "Other"
     summary = "norm gains (and biases) of every block and the final norm"
@@ -585,6 +686,12 @@ class LnTuning(_PeftTuner):
             # peft warns on any non-LayerNorm class; RMSNorm is deep-copied and tuned the same way.
             warnings.filterwarnings("ignore", message="Unsupported layer type")
             return super().build(model, spec, options, targets, state)
+
+    def merge_layer(self, layer):
+        """The tuned copy of the norm replaces the base norm's parameters."""
+        adapters = [a for a in layer.active_adapters if a in layer.ln_tuning_layers]
+        source = layer.ln_tuning_layers[adapters[-1]] if adapters else layer.get_base_layer()
+        return {name: fp32(p) for name, p in source.named_parameters()}
 
 
 # ----------------------------------------------------------------------------------------------

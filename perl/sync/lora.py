@@ -1,9 +1,10 @@
 """Adapter-only sync for the LoRA family, in the format vLLM's LoRA path takes.
 
 vLLM applies plain LoRA adapters (`W x + s * B A x`) and nothing else, so only methods whose
-forward is exactly that qualify: lora, rslora, lora_plus, lora_fa, and pissa/milora on top of
-their residual base (send `base_weights(policy)` once, then adapters). Merged sync
-(`merged_weights`) stays the default: vLLM's LoRA kernels slow generation.
+forward is exactly that qualify (`Method.vllm_lora`: lora, rslora, lora_plus, lora_fa, and
+pissa/milora on top of their residual base, `Method.residual_base`: send `base_weights(policy)`
+once, then adapters). Merged sync (`merged_weights`) stays the default: vLLM's LoRA kernels slow
+generation.
 """
 
 from __future__ import annotations
@@ -12,10 +13,8 @@ from typing import Any
 
 import torch
 
+from perl.methods import method_names
 from perl.methods.base import AdaptedPolicy
-
-ADAPTER_SYNC_METHODS = ("lora", "rslora", "lora_plus", "lora_fa", "pissa", "milora")
-NEEDS_BASE_SYNC = ("pissa", "milora")  # their base is the residual W - B0 A0, not the checkpoint
 
 
 def lora_sync_config(policy: AdaptedPolicy) -> dict:
@@ -33,10 +32,11 @@ def lora_adapter(policy: AdaptedPolicy, dtype: torch.dtype | None = None) -> tup
     """
     from peft import get_peft_model_state_dict
 
-    if policy.name not in ADAPTER_SYNC_METHODS:
+    if not policy.method.vllm_lora:
         raise ValueError(
             f"adapter-only sync serves plain LoRA only; {policy.name} is not (vLLM has no format for it, "
-            f"or rejects it as for DoRA): use merged sync. Adapter sync works for: {', '.join(ADAPTER_SYNC_METHODS)}"
+            f"or rejects it as for DoRA): use merged sync. Adapter sync works for: "
+            f"{', '.join(method_names(lambda m: m.vllm_lora))}"
         )
     config = lora_sync_config(policy)
     for key in ("peft_type", "task_type"):

@@ -1,8 +1,9 @@
 """The one sync path: an adapted policy -> `(hf_name, tensor)` pairs of the dense merged model.
 
 vLLM serves only plain LoRA and verl 0.9.1 merges only `LoraLayer`, so every method is merged here,
-functionally and in fp32, from the trainer's own (pristine) base weights: nothing is written back,
-so any number of syncs leaves the trainer bit-identical (merge/unmerge in bf16 drifts, ~1.5e-2
+each tuner layer by its method's own rule (`Method.merge_layer`, next to the method's class in
+`perl.methods.catalog`), functionally and in fp32, from the trainer's own (pristine) base weights:
+nothing is written back, so any number of syncs leaves the trainer bit-identical (merge/unmerge in bf16 drifts, ~1.5e-2
 after 1000 cycles). Pairs are produced module by module (per FSDP unit when sharded), so the extra
 memory is one module, not a model copy. The pairs carry exactly the base checkpoint's names, which
 is what vLLM's `model.load_weights` and HF `load_state_dict` consume.
@@ -15,128 +16,22 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from perl.methods.base import AdaptedPolicy, canonical_name
+from perl.methods.base import AdaptedPolicy, Method, canonical_name
 
 Pairs = Iterator[tuple[str, torch.Tensor]]
 
 
-def _fp32(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().to(torch.float32)
-
-
-def _check_linear(layer: nn.Module) -> None:
-    if getattr(layer, "fan_in_fan_out", False):
-        raise NotImplementedError(f"{type(layer).__name__}: fan_in_fan_out (Conv1D) layers are not supported by the sync")
-
-
-# --- one merge rule per peft layer type; each returns {param_name_in_base_layer: fp32 tensor} ---------
-
-
-def _merge_lora(layer) -> dict[str, torch.Tensor]:
-    """LoRA, rsLoRA, LoRA+, LoRA-FA, PiSSA/MiLoRA (residual base) and DoRA."""
-    _check_linear(layer)
-    out = {}
-    w = _fp32(layer.get_base_layer().weight)
-    for adapter in layer.active_adapters:
-        if adapter not in layer.lora_A:
-            continue
-        delta = _fp32(layer.lora_B[adapter].weight) @ _fp32(layer.lora_A[adapter].weight) * layer.scaling[adapter]
-        if layer.use_dora.get(adapter, False):
-            # DoRA: m * (W + dW) / ||W + dW||_row, peft's merge formula
-            magnitude = _fp32(layer.lora_magnitude_vector[adapter].weight)
-            combined = w + delta
-            w = (magnitude / torch.linalg.norm(combined, dim=1)).unsqueeze(1) * combined
-        else:
-            w = w + delta
-    out["weight"] = w
-    return out
-
-
-def _merge_adalora(layer) -> dict[str, torch.Tensor]:
-    _check_linear(layer)
-    w = _fp32(layer.get_base_layer().weight)
-    for adapter in layer.active_adapters:
-        if adapter not in layer.lora_A:
-            continue
-        a, e, b = _fp32(layer.lora_A[adapter]), _fp32(layer.lora_E[adapter]), _fp32(layer.lora_B[adapter])
-        w = w + b @ (a * e) * layer.scaling[adapter] / (float(layer.ranknum[adapter]) + 1e-5)
-    return {"weight": w}
-
-
-def _merge_vera(layer) -> dict[str, torch.Tensor]:
-    _check_linear(layer)
-    w = _fp32(layer.get_base_layer().weight)
-    for adapter in layer.active_adapters:
-        if adapter not in layer.vera_lambda_d:
-            continue
-        a = _fp32(layer.vera_A[adapter])[:, : layer.in_features]
-        b = _fp32(layer.vera_B[adapter])[: layer.out_features, :]
-        lambda_d = _fp32(layer.vera_lambda_d[adapter]).unsqueeze(-1)
-        lambda_b = _fp32(layer.vera_lambda_b[adapter]).unsqueeze(-1)
-        w = w + (lambda_b * b) @ (lambda_d * a)
-    return {"weight": w}
-
-
-def _merge_miss(layer) -> dict[str, torch.Tensor]:
-    # MiSS's block expansion is intricate (remainders, bat/mini variants): reuse peft's own functions on
-    # an fp32 copy (they may write into the weight they are given, never into the layer's).
-    w = _fp32(layer.get_base_layer().weight).clone()
-    for adapter in layer.active_adapters:
-        if adapter not in layer.miss_block:
-            continue
-        if layer.miss_fn == "bat":
-            w = w + layer.get_delta_weight(adapter, w.clone()).to(torch.float32)
-        else:
-            w = layer.get_delta_weight_miss(adapter, w).to(torch.float32)
-    return {"weight": w}
-
-
-def _merge_ia3(layer) -> dict[str, torch.Tensor]:
-    _check_linear(layer)
-    base = layer.get_base_layer()
-    w = _fp32(base.weight)
-    bias = _fp32(base.bias) if base.bias is not None else None
-    for adapter in layer.active_adapters:
-        if adapter not in layer.ia3_l:
-            continue
-        scale = _fp32(layer.ia3_l[adapter])  # (out, 1) on outputs, (1, in) on the FFN input
-        w = w * scale
-        if bias is not None and not layer.is_feedforward:
-            bias = bias * scale.reshape(bias.shape)
-    return {"weight": w} if bias is None else {"weight": w, "bias": bias}
-
-
-def _merge_ln_tuning(layer) -> dict[str, torch.Tensor]:
-    adapters = [a for a in layer.active_adapters if a in layer.ln_tuning_layers]
-    source = layer.ln_tuning_layers[adapters[-1]] if adapters else layer.get_base_layer()
-    return {name: _fp32(p) for name, p in source.named_parameters()}
-
-
-def _merge_rules() -> list[tuple[type, Callable[[nn.Module], dict[str, torch.Tensor]]]]:
-    from peft.tuners.adalora.layer import AdaLoraLayer
-    from peft.tuners.ia3 import IA3Layer
-    from peft.tuners.ln_tuning.layer import LNTuningLayer
-    from peft.tuners.lora import LoraLayer
-    from peft.tuners.miss.layer import MissLayer
-    from peft.tuners.vera.layer import VeraLayer
-
-    # AdaLoraLayer subclasses LoraLayer: it must come first.
-    return [(AdaLoraLayer, _merge_adalora), (LoraLayer, _merge_lora), (VeraLayer, _merge_vera),
-            (MissLayer, _merge_miss), (IA3Layer, _merge_ia3), (LNTuningLayer, _merge_ln_tuning)]
-
-
-def _rule_for(module: nn.Module, rules) -> Callable | None:
+def _merge_rule(module: nn.Module, method: Method | None) -> Callable[[nn.Module], dict[str, torch.Tensor]] | None:
+    """The method's own merge for a peft tuner layer (None for any other module)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     if not isinstance(module, BaseTunerLayer):
         return None
-    for cls, rule in rules:
-        if isinstance(module, cls):
-            return rule
-    raise NotImplementedError(f"no merge rule for peft layer {type(module).__name__}")
+    if method is None:
+        raise TypeError(f"{type(module).__name__} is a peft tuner layer: pass the AdaptedPolicy, whose method "
+                        "knows how its layers merge, not the bare model")
+    return method.merge_layer
 
-
-# --- the walk ----------------------------------------------------------------------------------------
 
 
 def hf_model(model: nn.Module) -> nn.Module:
@@ -180,8 +75,8 @@ def base_weights(policy: AdaptedPolicy | nn.Module, dtype: torch.dtype | None = 
 
 def _walk(policy: AdaptedPolicy | nn.Module, dtype: torch.dtype | None, include_tied: bool, merge: bool) -> Pairs:
     model = policy.model if isinstance(policy, AdaptedPolicy) else policy
+    method = policy.method if isinstance(policy, AdaptedPolicy) else None
     root = hf_model(model)
-    rules = _merge_rules()
     fsdp_cls = _fsdp_module_cls()
     seen: set[int] = set()
 
@@ -201,7 +96,7 @@ def _walk(policy: AdaptedPolicy | nn.Module, dtype: torch.dtype | None, include_
         if sharded:
             module.unshard()
         try:
-            rule = _rule_for(module, rules)
+            rule = _merge_rule(module, method)
             if rule is not None:
                 merged = rule(module) if merge else {}
                 base = module.get_base_layer()

@@ -10,7 +10,12 @@
 - `trainer.py`  `PerlSyncTrainer`, verl's sync V1 trainer whose advantage step also reads the
                 response ids (T-SPMO), and `PerlTaskRunner`, which registers it in Ray;
 - `entry.py`    `python -m perl.verl_glue --config X [--dry-run] key=value ...` / `perl train`;
-- `smoke.py`    builds and drives the actor engine like verl's worker does, without Ray or vLLM.
+- `run_dir.py`  the run directory: verl's checkpoints, `perl_adapter/`, metrics, summary, resume identity;
+- `heldout.py`  held-out Avg@k before and after a run (vLLM or HF backend);
+- `cpu_platform.py`, `vllm_cpu_plugin.py`  the CPU platform (verl plugin) and vLLM CPU weight loading;
+- `token_subset.py`  S-GRPO's shortened forward inside the engine;
+- `standalone_actor.py`  builds and drives the actor engine like verl's worker does, without Ray or
+                vLLM (the engine tests, the S-GRPO memory bench, a GPU smoke check).
 
 Importing this package itself is light (no verl engine imports).
 """

@@ -19,9 +19,8 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from perl.methods import MethodSpec, MethodSpecError
 from perl.eval.backends import vllm_available
-from perl.methods.catalog import get_method, resolve_options
+from perl.methods.catalog import METHODS, get_method, method_names, resolve_options
 from perl.methods.spec import SPEC_FIELDS
-from perl.sync.lora import ADAPTER_SYNC_METHODS, NEEDS_BASE_SYNC
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "config")
 BASE_YAML = os.path.join(CONFIG_DIR, "perl_dapo.yaml")
@@ -36,9 +35,6 @@ SYNC_TRAINER_MODES = ("sync", PERL_TRAINER_MODE)
 ADAPTER_SYNC = ("merged", "adapter")
 SYNC_DTYPES = ("bfloat16", "float16", "float32")
 PEFT_KEYS = (*SPEC_FIELDS, "adapter_sync", "sync_dtype")
-FULL_LR = 1e-6  # the paper's full fine-tuning run
-# Methods whose whole trainable state sits under 'lora_' keys (what verl's save_lora_only keeps).
-LORA_KEYED_METHODS = ("lora", "dora", "adalora", "lora_plus", "rslora", "pissa", "milora", "lora_fa")
 
 # What each algorithm of the paper's ablation changes on top of the DAPO base.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -97,6 +93,9 @@ CPU_DEFAULTS: dict[str, Any] = {
     "reward.num_workers": 1,
     "data.dataloader_num_workers": 0,
     "transfer_queue.backend.SimpleStorage.num_data_storage_units": 2,
+    # vLLM's worker inside its engine-core process (verl asks for "mp": one more process to start, and
+    # between the two a reader that spins on sched_yield, on the same 2 cores as the forward it waits for)
+    "actor_rollout_ref.rollout.engine_kwargs.vllm.distributed_executor_backend": "uni",
     # verl's V1 trainer starts many 1-CPU actors (TransferQueue alone wants 8 storage units); with
     # as many logical CPUs as cores it waits forever for a slot. They are scheduling units, not cores.
     "ray_kwargs.ray_init.num_cpus": 32,
@@ -206,8 +205,10 @@ def compose(user: DictConfig | Mapping | str | None = None, overrides: Sequence[
     layers = [(base, "perl/verl_glue/config/perl_dapo.yaml"),
               (OmegaConf.from_dotlist([f"{k}={v}" for k, v in PRESETS[algorithm].items()]),
                f"perl.algorithm={algorithm} preset")]
-    if method == "full":
-        layers.append((OmegaConf.create({"actor_rollout_ref": {"actor": {"optim": {"lr": FULL_LR}}}}), "peft.name=full"))
+    scale = METHODS[method].lr_scale if method in METHODS else 1.0  # an unknown name is reported by peft_spec
+    if scale != 1.0:  # e.g. full fine-tuning at the paper's 1e-6 (the adapters' 1e-5 x 0.1), under the recipe
+        lr = float(f"{float(base.actor_rollout_ref.actor.optim.lr) * scale:g}")
+        layers.append((OmegaConf.create({"actor_rollout_ref": {"actor": {"optim": {"lr": lr}}}}), f"peft.name={method}"))
     layers += [(loss_strict, "perl.loss_mode"), (user, "recipe"), (strict, "override")]
     try:  # one merge into verl's (large, closed) schema; per layer only to name the culprit of an error
         cfg = OmegaConf.merge(cfg, OmegaConf.merge(*[layer for layer, _ in layers]))
@@ -323,7 +324,7 @@ HELDOUT_KEYS = ("data", "k", "seed", "temperature", "top_p")
 TOY_KEYS = ("actor_rollout_ref.model.path", "data.train_files", "data.val_files", "perl.heldout.data")
 
 
-def perl_block(cfg: DictConfig) -> dict[str, Any]:
+def check_perl_block(cfg: DictConfig) -> dict[str, Any]:
     block = OmegaConf.to_container(cfg.perl, resolve=True)
     unknown = sorted(set(block) - set(PERL_KEYS))
     if unknown:
@@ -385,7 +386,7 @@ def run_dir(cfg: DictConfig) -> str:
 
 
 def toy_task(cfg: DictConfig):
-    from perl.local.toy import ToyTask
+    from perl.toy.task import ToyTask
 
     block = cfg.perl.toy
     try:
@@ -410,11 +411,11 @@ def toy_paths(cfg: DictConfig) -> None:
 def toy_model_config(cfg: DictConfig):
     """The shape of the toy's model before it is built (a dry run): the cold start's config, or the
     pretrained model's (a GGUF is converted here, once)."""
-    from perl.engine.tokenizer import char_tokenizer
+    from perl.generation.tokenizer import char_tokenizer
 
     task = toy_task(cfg)
     if task.pretrained:
-        from perl.local.pretrained import pretrained_model_dir
+        from perl.toy.pretrained import pretrained_model_dir
 
         return pretrained_model_dir(task.pretrained)
     tok = char_tokenizer()
@@ -511,13 +512,15 @@ def derive(cfg: DictConfig) -> None:
     """Write the keys verl needs from the PeRL blocks (in place)."""
     spec = peft_spec(cfg)
     block = peft_block(cfg)
-    perl_block(cfg)
+    check_perl_block(cfg)
     sync = str(block.get("adapter_sync", "merged"))
     if sync not in ADAPTER_SYNC:
         raise ConfigError(f"peft.adapter_sync: {sync!r} is not one of {', '.join(ADAPTER_SYNC)}")
-    if sync == "adapter" and spec.name not in ADAPTER_SYNC_METHODS:
+    method = get_method(spec.name)
+    if sync == "adapter" and not method.vllm_lora:
         raise ConfigError(f"peft.adapter_sync=adapter serves plain LoRA through vLLM's LoRA path; {spec.name} has no "
-                          f"such form. Use adapter_sync=merged, or a method among {', '.join(ADAPTER_SYNC_METHODS)}")
+                          f"such form. Use adapter_sync=merged, or a method among "
+                          f"{', '.join(method_names(lambda m: m.vllm_lora))}")
     sync_dtype = block.get("sync_dtype")
     sync_dtype = str(cfg.actor_rollout_ref.rollout.dtype if sync_dtype is None else sync_dtype)
     if sync_dtype not in SYNC_DTYPES:
@@ -529,10 +532,10 @@ def derive(cfg: DictConfig) -> None:
                               f"sharding keeps every method's adapter names), got {strategy!r}")
 
     save_lora_only = OmegaConf.select(cfg, "actor_rollout_ref.actor.checkpoint.save_lora_only", default=False)
-    if save_lora_only and spec.name not in LORA_KEYED_METHODS:
+    if save_lora_only and not method.lora_keyed:
         raise ConfigError(f"actor_rollout_ref.actor.checkpoint.save_lora_only keeps only 'lora_' keys; {spec.name}'s "
                           f"adapter has others, so resume would lose it. Leave it false, or use one of "
-                          f"{', '.join(LORA_KEYED_METHODS)}")
+                          f"{', '.join(method_names(lambda m: m.lora_keyed))}")
 
     if cfg.algorithm.adv_estimator == "tspmo":
         # only PeRL's trainer hands T-SPMO the response token ids (perl.verl_glue.trainer)
@@ -556,7 +559,7 @@ def derive(cfg: DictConfig) -> None:
     with open_dict(model):
         # verl keeps the reference policy in the actor (adapter disabled) and calls the engine's
         # adapter hook exactly when lora_rank > 0; full fine-tuning has no adapter.
-        model.lora_rank = 0 if spec.name == "full" else spec.rank
+        model.lora_rank = 0 if method.trains_every_parameter else spec.rank
         model.lora.merge = sync == "merged"
         model.lora.perl = {
             "spec": spec.to_dict(),
@@ -685,7 +688,7 @@ def check_rollout(cfg: DictConfig, *, require_vllm: bool = True) -> None:
     if name not in ("vllm", "sglang", "trtllm"):
         raise ConfigError(f"actor_rollout_ref.rollout.name: {name!r} is not one of vllm, sglang, trtllm")
     spec = cfg.actor_rollout_ref.model.lora.perl
-    if (spec.adapter_sync == "adapter" and spec.spec.name in NEEDS_BASE_SYNC
+    if (spec.adapter_sync == "adapter" and get_method(spec.spec.name).residual_base
             and "dummy" not in str(cfg.actor_rollout_ref.rollout.load_format)):
         raise ConfigError(f"actor_rollout_ref.rollout.load_format={cfg.actor_rollout_ref.rollout.load_format}: "
                           f"{spec.spec.name} with adapter_sync=adapter needs a dummy load format, so that verl sends "
@@ -812,8 +815,9 @@ def adapted_summary(cfg: DictConfig, model_path: str | None = None) -> dict[str,
         raise ConfigError(f"actor_rollout_ref.model.path: {path} is remote; the adapter summary needs its config.json")
     block = cfg.actor_rollout_ref.model.lora.perl
     total = block.total_steps
-    if spec.name == "adalora" and not total:
-        raise ConfigError("peft.name=adalora schedules its rank budget over the run: set trainer.total_training_steps")
+    if get_method(spec.name).needs_run_length and not total:
+        raise ConfigError(f"peft.name={spec.name} schedules itself over the run (e.g. AdaLoRA's rank budget): set "
+                          "trainer.total_training_steps")
     try:
         base = build_model(path, device="meta", seed=None)
         policy = adapt(base, spec, total_steps=total)

@@ -43,23 +43,23 @@ from . import cpu_platform  # noqa: F401  (registered before verl's engine modul
 from verl.workers.engine.base import EngineRegistry
 from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
 
-from perl.methods import AdaptedPolicy, MethodSpec, adapt
+from perl.methods import AdaptedPolicy, MethodSpec, adapt, get_method
 from perl.methods.base import Method, canonical_name
-from perl.sync.lora import NEEDS_BASE_SYNC
 from perl.verl_glue.run_dir import ADAPTER_DIR, STATE_FILE
 
 logger = logging.getLogger(__name__)
 
 PERL_KEY = "perl"  # actor_rollout_ref.model.lora.perl: the resolved peft block (see perl.verl_glue.config)
-FULL_TENSOR_HOOKS = ("adalora",)  # per-step hooks that need whole tensors (see after_optimizer_step)
 
 # (device, vendor) keys verl's EngineRegistry looks up before its device-only defaults.
 ENGINE_KEYS = (("cuda", "nvidia"), ("cuda", "amd"), ("npu", "huawei"), ("cpu", "cpu"))
 
 
-def perl_block(model_config: Any) -> dict[str, Any] | None:
-    """The PeRL block verl's model config carries to the worker, as plain Python data (or None)."""
-    lora = getattr(model_config, "lora", None)
+def engine_block(model_config: Any) -> dict[str, Any] | None:
+    """The PeRL block verl's model config carries to the worker, as plain Python data (or None).
+
+    It travels in verl's `HFModelConfig.lora` dict (a free-form field verl keeps for Megatron's LoRA)."""
+    lora = model_config.lora
     if not lora:
         return None
     block = lora.get(PERL_KEY) if hasattr(lora, "get") else None
@@ -144,9 +144,9 @@ def full_parameters(model: nn.Module, select: Callable[[str, nn.Parameter], bool
                     original.to_local().copy_(_local_chunk(full.detach(), original))
 
 
-def adapter_parameter_filter(model: nn.Module, method: str) -> Callable[[str, nn.Parameter], bool]:
+def adapter_parameter_filter(model: nn.Module, method: Method) -> Callable[[str, nn.Parameter], bool]:
     """Select the parameters a method trains or owns (not the frozen base): what an adapter file holds."""
-    if method == "full":
+    if method.trains_every_parameter:
         return lambda name, p: True
     from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -169,13 +169,14 @@ class PerlFSDPEngine(FSDPEngineWithLMHead):
 
     def __init__(self, model_config, engine_config, optimizer_config, checkpoint_config):
         super().__init__(model_config, engine_config, optimizer_config, checkpoint_config)
-        self.perl = perl_block(model_config)
+        self.perl = engine_block(model_config)
         self.policy: AdaptedPolicy | None = None
         self.sgrpo = None
         self._initial_adapter: dict[str, torch.Tensor] = {}
         if self.perl is None:
             return
         self.spec = MethodSpec.from_dict(self.perl["spec"])
+        self.method = get_method(self.spec.name)
         sgrpo = self.perl.get("sgrpo")  # S-GRPO's token subset: the shortened forward (token_subset.py)
         if sgrpo is not None:
             from perl.algos.token_efficient import SGRPOConfig
@@ -199,7 +200,7 @@ class PerlFSDPEngine(FSDPEngineWithLMHead):
 
     # ----- build ------------------------------------------------------------------------------
     def adapt_total_steps(self) -> int | None:
-        """Optimizer steps of the whole run (AdaLoRA's rank schedule)."""
+        """Optimizer steps of the whole run (the schedule of a method with `needs_run_length`)."""
         if self.perl.get("total_steps"):
             return int(self.perl["total_steps"])
         steps = getattr(self.optimizer_config, "total_training_steps", None) or 0
@@ -210,7 +211,7 @@ class PerlFSDPEngine(FSDPEngineWithLMHead):
     def _build_lora_module(self, module):
         if self.perl is None:
             return super()._build_lora_module(module)
-        if self.spec.name != "full":
+        if not self.method.trains_every_parameter:
             module.enable_input_require_grads()  # gradient checkpointing with a frozen embedding
         self.policy = adapt(module, self.spec, total_steps=self.adapt_total_steps())
         model = self.policy.model
@@ -284,7 +285,7 @@ class PerlFSDPEngine(FSDPEngineWithLMHead):
         module = super()._build_fsdp_module(module)
         if self.policy is not None:
             self.policy.model = module  # FSDP2 shards in place; keep the policy bound to the wrapped module
-            if self.policy.name in NEEDS_BASE_SYNC:
+            if self.policy.method.residual_base:
                 # Right after the broadcast from rank 0 the adapter *is* the initial one.
                 self._initial_adapter = {
                     name: p.detach().clone()
@@ -374,10 +375,11 @@ class PerlFSDPEngine(FSDPEngineWithLMHead):
         modules (cat + kthvalue over whole tensors), which DTensor shards cannot do: it runs on gathered
         full tensors, identically on every rank, and the pruned values go back to the shards. Other hooks
         (LoRA-FA's freeze of A) act on the sharded parameters directly."""
-        if self.policy.name not in FULL_TENSOR_HOOKS:
+        whole = self.policy.method.hook_reads_whole
+        if whole is None:
             self.policy.after_optimizer_step()
             return
-        select = lambda name, p: ".lora_" in name  # noqa: E731
+        select = lambda name, p: whole in name  # noqa: E731
         with full_parameters(self.module, select, with_grad=True, write_back=True):
             self.policy.after_optimizer_step()
 
@@ -385,10 +387,10 @@ class PerlFSDPEngine(FSDPEngineWithLMHead):
     def disable_adapter(self) -> ContextManager:
         if self.policy is None:
             return super().disable_adapter()
-        if self.policy.name == "full":
-            raise RuntimeError("peft.name=full has no adapter to disable; the reference policy is a separate "
+        if self.policy.method.trains_every_parameter:
+            raise RuntimeError(f"peft.name={self.policy.name} has no adapter to disable; the reference policy is a separate "
                                "model (verl builds it when use_kl_loss or use_kl_in_reward is on)")
-        if self.policy.name in NEEDS_BASE_SYNC:
+        if self.policy.method.residual_base:
             return self._initial_adapter_swapped()
         return self.module.disable_adapter()
 
@@ -481,7 +483,7 @@ class PerlFSDPEngine(FSDPEngineWithLMHead):
         method's state (PiSSA/MiLoRA's initial adapter); frozen base weights are zero-stride
         placeholders that cost no memory and that no save path reads.
         """
-        select = adapter_parameter_filter(self.module, self.policy.name)
+        select = adapter_parameter_filter(self.module, self.policy.method)
         rank0 = self.rank == 0
         full = gather_full(self.module, select, keep=rank0)
         if rank0:
@@ -536,13 +538,9 @@ class PerlFSDPEngine(FSDPEngineWithLMHead):
     def _perl_state(self) -> dict[str, Any]:
         state: dict[str, Any] = {"method": self.policy.name, "spec": self.spec.to_dict(),
                                  "optimizer_steps": self.policy.optimizer_steps}
-        if self.policy.name == "adalora":
-            base = self.policy.model.base_model
-            alloc = base.rankallocator
-            state["adalora"] = {
-                "rank_pattern": base.peft_config["default"].rank_pattern,
-                "ipt": alloc.ipt, "exp_avg_ipt": alloc.exp_avg_ipt, "exp_avg_unc": alloc.exp_avg_unc,
-            }
+        extra = self.policy.method.trainer_state(self.policy)
+        if extra is not None:
+            state[self.policy.name] = extra  # e.g. AdaLoRA's allocator, under the method's name
         return state
 
     def load_checkpoint(self, local_path: str, hdfs_path: Optional[str] = None, del_local_after_load: int = True,
@@ -558,12 +556,8 @@ class PerlFSDPEngine(FSDPEngineWithLMHead):
             raise ValueError(f"checkpoint {local_path} was trained with peft.name={state['method']}, "
                              f"this run has peft.name={self.policy.name}")
         self.policy.optimizer_steps = int(state["optimizer_steps"])
-        if "adalora" in state:
-            base = self.policy.model.base_model
-            alloc = base.rankallocator
-            saved = state["adalora"]
-            base.peft_config["default"].rank_pattern = saved["rank_pattern"]
-            alloc.ipt, alloc.exp_avg_ipt, alloc.exp_avg_unc = saved["ipt"], saved["exp_avg_ipt"], saved["exp_avg_unc"]
+        if self.policy.name in state:
+            self.policy.method.load_trainer_state(self.policy, state[self.policy.name])
 
 
 def register() -> type[PerlFSDPEngine]:

@@ -31,7 +31,7 @@ RESULTS = "results.json"
 
 def eval_settings(cfg: DictConfig):
     """perl eval's EvalConfig for the run: k, seed, and the rollout's sampling unless overridden."""
-    from perl.engine import SamplingConfig
+    from perl.generation import SamplingConfig
     from perl.eval import EvalConfig
 
     block = cfg.perl.heldout
@@ -53,7 +53,7 @@ def _vllm_backend(cfg: DictConfig, model_dir: str):
 
 def evaluate_dir(cfg: DictConfig, model_dir: str, out_dir: str, run_info: dict[str, Any]) -> dict[str, Any]:
     """One `perl eval` run of `model_dir` on the held-out set into `out_dir` (resumes a partial one)."""
-    from perl.engine.tokenizer import load_tokenizer
+    from perl.generation.tokenizer import load_tokenizer
     from perl.eval import evaluate
 
     backend = _vllm_backend(cfg, model_dir)
@@ -87,7 +87,7 @@ def _file_sha(path: str) -> str:
 def before_cache_dir(cfg: DictConfig, model_dir: str) -> str:
     from dataclasses import asdict
 
-    from perl.local.toy import cache_root
+    from perl.toy.task import cache_root
 
     settings = eval_settings(cfg)
     key = json.dumps({"model": _model_identity(model_dir), "data": _file_sha(str(cfg.perl.heldout.data)),

@@ -176,14 +176,18 @@ RUN_IDENTITY = (
     "algorithm.adv_estimator", "algorithm.norm_adv_by_std_in_grpo", "algorithm.use_kl_in_reward",
     "algorithm.filter_groups.enable", "algorithm.filter_groups.metric",
 )
-# AdaLoRA schedules its rank budget over the whole run: its length is part of what it trains.
-ADALORA_IDENTITY = ("actor_rollout_ref.model.lora.perl.total_steps",)
+# A method that schedules itself over the run (`Method.needs_run_length`, AdaLoRA's rank budget):
+# the run's length is part of what it trains.
+RUN_LENGTH_IDENTITY = ("actor_rollout_ref.model.lora.perl.total_steps",)
 
 
 def run_identity(cfg) -> dict[str, Any]:
     from omegaconf import OmegaConf
 
-    keys = RUN_IDENTITY + (ADALORA_IDENTITY if OmegaConf.select(cfg, "peft.name") == "adalora" else ())
+    from perl.methods import METHODS
+
+    method = METHODS.get(str(OmegaConf.select(cfg, "peft.name")))
+    keys = RUN_IDENTITY + (RUN_LENGTH_IDENTITY if method is not None and method.needs_run_length else ())
     out = {}
     for key in keys:
         value = OmegaConf.select(cfg, key, default=None)

@@ -10,6 +10,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from conftest import fresh_base  # noqa: E402
+from verl_common import exit_now  # noqa: E402
 from perl.methods import METHODS, adapt  # noqa: E402
 from perl.sync import merged_state_dict  # noqa: E402
 
@@ -48,3 +49,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_now()

@@ -21,7 +21,7 @@ import torch  # noqa: E402
 from perl.methods import load_adapted  # noqa: E402
 from perl.sync import merged_state_dict  # noqa: E402
 from perl.verl_glue.engine import ADAPTER_DIR, STATE_FILE  # noqa: E402
-from perl.verl_glue.smoke import build_actor_engine, cfg_for, synthetic_batch, train_step  # noqa: E402
+from perl.verl_glue.standalone_actor import build_actor_engine, cfg_for, synthetic_batch, train_step  # noqa: E402
 
 METHODS = ("lora", "adalora", "pissa", "vera", "ln_tuning", "full")
 EXTRA = {"adalora": ["peft.options.tinit=0", "peft.options.tfinal=2"]}

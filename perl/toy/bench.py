@@ -16,8 +16,6 @@ from typing import Any
 
 from perl.io import atomic_file
 
-FULL_LR_RATIO = 0.1  # the paper trains full fine-tuning at 1e-6 against 1e-5 for the adapters
-
 
 def parse_variant(name: str) -> tuple[str, str]:
     """`METHOD` (DAPO's token loss) or `METHOD@LOSS` (a token-efficient loss: lora@sgrpo, lora@tspmo)."""
@@ -34,15 +32,17 @@ def parse_variant(name: str) -> tuple[str, str]:
 
 def variant_overrides(config_path: str, variant: str, out_dir: str, overrides: list[str]) -> list[str]:
     """The `perl train` overrides of one variant's run."""
+    from perl.methods import get_method
     from perl.verl_glue.config import compose
 
     method, loss = parse_variant(variant)
     extra = [f"peft.name={method}", f"trainer.default_local_dir={out_dir}", f"trainer.experiment_name=toy_{variant}"]
     if loss != "token":
         extra.append(f"perl.loss_mode={loss}")
-    if method == "full":
+    scale = get_method(method).lr_scale  # full fine-tuning: the paper's 0.1 x the adapters' lr
+    if scale != 1.0:
         lr = float(compose(config_path, overrides).actor_rollout_ref.actor.optim.lr)
-        extra.append(f"actor_rollout_ref.actor.optim.lr={lr * FULL_LR_RATIO:g}")
+        extra.append(f"actor_rollout_ref.actor.optim.lr={lr * scale:g}")
     return [*overrides, *extra]
 
 

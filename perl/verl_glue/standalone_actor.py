@@ -1,6 +1,7 @@
 """Build and drive the actor engine the way verl's `ActorRolloutRefWorker` does, without Ray or vLLM.
 
-Used by the tests (CPU, gloo, `VERL_PLATFORM=cpu`) and as a GPU smoke check: from a composed PeRL
+Used by the engine tests (CPU, gloo, `VERL_PLATFORM=cpu`), `bench/token_efficient_memory.py` and as a
+GPU smoke check, so it lives in the package rather than in tests/: from a composed PeRL
 config it builds the worker's dataclass configs (`omega_conf_to_dataclass`, as `init_model` does),
 asks verl's `EngineRegistry` for the engine (PeRL's, through its registration), initialises it, and
 runs verl's own DAPO loss (`verl.workers.utils.losses.ppo_loss`) on a synthetic batch in the
@@ -16,7 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 
-def cpu_overrides(model_path: str, *, method: str = "lora", rank: int = 4, alpha: float = 8.0, total_steps: int = 10,
+def cpu_overrides(model_path: str, *, method: str, rank: int = 4, alpha: float = 8.0, total_steps: int = 10,
                   lr: float = 1e-2, micro: int = 2, n: int = 2, prompts: int = 2) -> list[str]:
     """Overrides that make a composed config run on CPU with a tiny model (fp32, eager attention, padded path)."""
     return [

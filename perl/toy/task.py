@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 from tqdm import tqdm
 
-from perl.engine.tokenizer import char_tokenizer, prompt_ids
+from perl.generation.tokenizer import char_tokenizer, prompt_ids
 
 TOY_TEMPLATE = "{question}"  # the format is taught by the warm start; keeps prompts short on CPU
 # problem streams of the train, held-out and warm-start check sets (disjoint seeds)
@@ -69,7 +69,7 @@ class ToyConfig:
         from transformers import LlamaConfig
 
         if self.architecture != "llama":
-            raise ValueError(f"perl.toy.architecture: {self.architecture!r}; the toy is a 'llama' (see perl.local.toy)")
+            raise ValueError(f"perl.toy.architecture: {self.architecture!r}; the toy is a 'llama' (see perl.toy.task)")
 
         config = LlamaConfig(vocab_size=vocab_size, hidden_size=self.hidden_size,
                              intermediate_size=self.hidden_size * 3, num_hidden_layers=self.layers,
@@ -83,7 +83,7 @@ class ToyConfig:
 @dataclass(frozen=True)
 class ToyTask:
     """`perl.toy`: the cold start (ToyConfig's fields) plus the generated data sets. With
-    `pretrained` ({package|path, gguf_file}, perl.local.pretrained) the same task trains a real
+    `pretrained` ({package|path, gguf_file}, perl.toy.pretrained) the same task trains a real
     pretrained model instead of the cold start (examples/smollm2_arith.yaml)."""
 
     model: ToyConfig = field(default_factory=ToyConfig)
@@ -116,7 +116,7 @@ class ToyTask:
         """The model the run trains: the cold start's cache directory, or the pretrained model's
         (a GGUF is converted on first use; see `materialize`)."""
         if self.pretrained:
-            from perl.local.pretrained import converted_dir, resolve_source_dir
+            from perl.toy.pretrained import converted_dir, resolve_source_dir
 
             source = resolve_source_dir(self.pretrained)
             gguf = self.pretrained.get("gguf_file")
@@ -132,7 +132,7 @@ class ToyTask:
         from perl.data import write_parquet
 
         if self.pretrained:
-            from perl.local.pretrained import pretrained_model_dir
+            from perl.toy.pretrained import pretrained_model_dir
 
             model = pretrained_model_dir(self.pretrained)
         else:
@@ -214,7 +214,7 @@ def build_cold_start(cfg: ToyConfig, progress: bool = True):
 @torch.no_grad()
 def sampled_accuracy(model, tok, rows: list[dict], seed: int, reward) -> float:
     """One sample per problem at temperature 1 (PeRL's per-row-seeded sampler), scored by `reward`."""
-    from perl.engine import SamplingConfig, sample
+    from perl.generation import SamplingConfig, sample
 
     was_training = model.training
     model.eval()
@@ -251,7 +251,7 @@ def cold_start(cfg: ToyConfig = ToyConfig(), cache_dir: str | None = None, progr
     """(model, tokenizer, path) of the cold start, loaded in fp32."""
     from transformers import AutoModelForCausalLM
 
-    from perl.engine.tokenizer import load_tokenizer
+    from perl.generation.tokenizer import load_tokenizer
 
     path = cold_start_dir(cfg, cache_dir, progress)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
