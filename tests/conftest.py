@@ -56,6 +56,27 @@ def arch(request):
     return request.param
 
 
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory):
+    """A saved tiny Qwen2 and (empty) train/val parquet files: what a verl config needs to compose."""
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "dist"))
+    from verl_common import save_tiny_model
+
+    root = tmp_path_factory.mktemp("verl-config")
+    model = save_tiny_model("tiny-qwen2", str(root / "tiny-qwen2"))
+    for name in ("train", "val"):
+        (root / f"{name}.parquet").write_bytes(b"")  # existence is what the entry point checks
+    return {"model": model, "train": str(root / "train.parquet"), "val": str(root / "val.parquet")}
+
+
+def ready(paths, *extra):
+    """Overrides pointing a composed config at `paths`."""
+    return [f"actor_rollout_ref.model.path={paths['model']}", f"data.train_files={paths['train']}",
+            f"data.val_files={paths['val']}", *extra]
+
+
 @pytest.fixture(scope="session")
 def toy_cache(tmp_path_factory):
     """One cache directory for the toy cold start across the session (built once, ~45 s)."""

@@ -15,7 +15,7 @@ import os
 import pytest
 import torch
 
-from conftest import batch, fresh_base, logits_of, train_steps
+from conftest import batch, fresh_base, logits_of, ready, train_steps
 from perl.methods import METHODS, LoraFamily, Method, adapt, get_method, load_adapted, method_names, register
 from perl.sync import merged_state_dict
 from perl.sync.lora import lora_adapter
@@ -127,20 +127,10 @@ def test_a_fourteenth_method_trains_syncs_saves_and_loads(arch, fourteenth, tmp_
     torch.testing.assert_close(logits_of(loaded.model, ids), adapted, atol=0, rtol=0)
 
 
-def test_a_fourteenth_method_composes_into_a_verl_config(fourteenth, tmp_path):
-    import sys
-
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "dist"))
-    from verl_common import save_tiny_model
-
+def test_a_fourteenth_method_composes_into_a_verl_config(fourteenth, paths):
     from perl.verl_glue import config as vc
 
-    model = save_tiny_model("tiny-qwen2", str(tmp_path / "tiny-qwen2"))
-    for name in ("train", "val"):
-        (tmp_path / f"{name}.parquet").write_bytes(b"")
-    overrides = [f"actor_rollout_ref.model.path={model}", f"data.train_files={tmp_path / 'train.parquet'}",
-                 f"data.val_files={tmp_path / 'val.parquet'}", "peft.adapter_sync=adapter"]
-    cfg = vc.compose({"peft": {"name": fourteenth}}, overrides)
+    cfg = vc.compose({"peft": {"name": fourteenth}}, ready(paths, "peft.adapter_sync=adapter"))
     summary = vc.check(cfg, require_vllm=False)
     assert summary["method"] == fourteenth and summary["trainable"] > 0
     assert cfg.actor_rollout_ref.model.lora_rank == 32 and cfg.actor_rollout_ref.model.lora.perl.spec.name == fourteenth

@@ -14,29 +14,13 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
+from conftest import ready
 from perl.methods import METHODS, get_method
 from perl.verl_glue import config as vc
 from perl.verl_glue.entry import main
 
 HERE = os.path.dirname(__file__)
 ROOT = os.path.dirname(HERE)
-
-
-@pytest.fixture(scope="module")
-def paths(tmp_path_factory):
-    sys.path.insert(0, os.path.join(HERE, "dist"))
-    from verl_common import save_tiny_model
-
-    root = tmp_path_factory.mktemp("verl-config")
-    model = save_tiny_model("tiny-qwen2", str(root / "tiny-qwen2"))
-    for name in ("train", "val"):
-        (root / f"{name}.parquet").write_bytes(b"")  # existence is what the entry point checks
-    return {"model": model, "train": str(root / "train.parquet"), "val": str(root / "val.parquet")}
-
-
-def ready(paths, *extra):
-    return [f"actor_rollout_ref.model.path={paths['model']}", f"data.train_files={paths['train']}",
-            f"data.val_files={paths['val']}", *extra]
 
 
 @pytest.mark.parametrize("method", list(METHODS))

@@ -42,9 +42,10 @@ def load_run(path: str) -> Run:
         res = json.load(f)
     info: dict[str, Any] = res.get("run", {})
     method = info.get("method")
-    category = METHODS[method].category if method in METHODS else "Baseline"
+    known = METHODS.get(method)
+    category = known.category if known is not None else "Baseline"
     trainable = info.get("trainable_percent")
-    if method in METHODS and METHODS[method].trains_every_parameter:
+    if known is not None and known.trains_every_parameter:
         trainable = 100.0
     metrics = info.get("metrics")
     if not (metrics and os.path.exists(metrics)):

@@ -49,6 +49,12 @@ def fp32(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to(torch.float32)
 
 
+def active_in(layer: nn.Module, store) -> list[str]:
+    """The layer's active adapters that `store` (one of its per-adapter dicts) holds, in order: what a
+    merge rule folds in."""
+    return [adapter for adapter in layer.active_adapters if adapter in store]
+
+
 def check_linear(layer: nn.Module) -> None:
     """Merge rules write `W + dW` in nn.Linear's (out, in) layout; refuse transposed Conv1D layers."""
     if getattr(layer, "fan_in_fan_out", False):
@@ -121,7 +127,8 @@ class Method:
     # Trains every weight of the model itself: no adapter (nothing to disable for a reference policy,
     # verl's lora_rank is 0), the whole model is the checkpoint, 100% trainable in the tables.
     trains_every_parameter: ClassVar[bool] = False
-    # Its learning rate relative to the adapters' (the paper: full fine-tuning at 1e-6 against 1e-5).
+    # Its learning rate relative to the adapters' (the paper: full fine-tuning at 1e-6 against 1e-5);
+    # see `lr_for`.
     lr_scale: ClassVar[float] = 1.0
     # Its forward is exactly W x + s * B A x, the one adapter form vLLM's LoRA path applies: it may be
     # synced to vLLM as a LoRA adapter (`peft.adapter_sync=adapter`) instead of merged weights.
@@ -138,6 +145,11 @@ class Method:
     # (AdaLoRA's rank allocation): under FSDP the trainer gathers them around the hook. None: the
     # hook (if any) works on the shards as they are.
     hook_reads_whole: ClassVar[str | None] = None
+
+    def lr_for(self, adapter_lr: float) -> float:
+        """This method's learning rate where the adapters train at `adapter_lr`, to 6 significant
+        digits (1e-5 x 0.1 is 1e-06, not 1.0000000000000002e-06)."""
+        return float(f"{float(adapter_lr) * self.lr_scale:g}")
 
     # ----- construction -------------------------------------------------------------------
     def default_targets(self, model: nn.Module) -> tuple[str, ...]:

@@ -23,6 +23,7 @@ from .base import (
     Method,
     MethodSpecError,
     canonical_name,
+    active_in,
     check_linear,
     count_parameters,
     fp32,
@@ -187,9 +188,7 @@ class LoraFamily(PeftTuner):
         PiSSA/MiLoRA need nothing more: their base layer already holds the residual."""
         check_linear(layer)
         w = fp32(layer.get_base_layer().weight)
-        for adapter in layer.active_adapters:
-            if adapter not in layer.lora_A:
-                continue
+        for adapter in active_in(layer, layer.lora_A):
             delta = fp32(layer.lora_B[adapter].weight) @ fp32(layer.lora_A[adapter].weight) * layer.scaling[adapter]
             if layer.use_dora.get(adapter, False):
                 magnitude = fp32(layer.lora_magnitude_vector[adapter].weight)
@@ -353,9 +352,7 @@ class Adalora(PeftTuner):
         """W + s * P (Lambda * Q) / ranknum (peft's AdaLoRA delta)."""
         check_linear(layer)
         w = fp32(layer.get_base_layer().weight)
-        for adapter in layer.active_adapters:
-            if adapter not in layer.lora_A:
-                continue
+        for adapter in active_in(layer, layer.lora_A):
             a, e, b = fp32(layer.lora_A[adapter]), fp32(layer.lora_E[adapter]), fp32(layer.lora_B[adapter])
             w = w + b @ (a * e) * layer.scaling[adapter] / (float(layer.ranknum[adapter]) + 1e-5)
         return {"weight": w}
@@ -399,9 +396,7 @@ class Miss(PeftTuner):
         # MiSS's block expansion is intricate (remainders, bat/mini variants): reuse peft's own functions
         # on an fp32 copy (they may write into the weight they are given, never into the layer's).
         w = fp32(layer.get_base_layer().weight).clone()
-        for adapter in layer.active_adapters:
-            if adapter not in layer.miss_block:
-                continue
+        for adapter in active_in(layer, layer.miss_block):
             if layer.miss_fn == "bat":
                 w = w + layer.get_delta_weight(adapter, w.clone()).to(torch.float32)
             else:
@@ -467,9 +462,7 @@ class Vera(PeftTuner):
         """W + (lambda_b * B) (lambda_d * A), with the shared projections cut to the layer's shape."""
         check_linear(layer)
         w = fp32(layer.get_base_layer().weight)
-        for adapter in layer.active_adapters:
-            if adapter not in layer.vera_lambda_d:
-                continue
+        for adapter in active_in(layer, layer.vera_lambda_d):
             a = fp32(layer.vera_A[adapter])[:, : layer.in_features]
             b = fp32(layer.vera_B[adapter])[: layer.out_features, :]
             lambda_d = fp32(layer.vera_lambda_d[adapter]).unsqueeze(-1)
@@ -656,9 +649,7 @@ class Ia3(PeftTuner):
         base = layer.get_base_layer()
         w = fp32(base.weight)
         bias = fp32(base.bias) if base.bias is not None else None
-        for adapter in layer.active_adapters:
-            if adapter not in layer.ia3_l:
-                continue
+        for adapter in active_in(layer, layer.ia3_l):
             scale = fp32(layer.ia3_l[adapter])  # (out, 1) on outputs, (1, in) on the FFN input
             w = w * scale
             if bias is not None and not layer.is_feedforward:
@@ -689,7 +680,7 @@ class LnTuning(PeftTuner):
 
     def merge_layer(self, layer):
         """The tuned copy of the norm replaces the base norm's parameters."""
-        adapters = [a for a in layer.active_adapters if a in layer.ln_tuning_layers]
+        adapters = active_in(layer, layer.ln_tuning_layers)
         source = layer.ln_tuning_layers[adapters[-1]] if adapters else layer.get_base_layer()
         return {name: fp32(p) for name, p in source.named_parameters()}
 

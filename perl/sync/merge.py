@@ -3,8 +3,8 @@
 vLLM serves only plain LoRA and verl 0.9.1 merges only `LoraLayer`, so every method is merged here,
 each tuner layer by its method's own rule (`Method.merge_layer`, next to the method's class in
 `perl.methods.catalog`), functionally and in fp32, from the trainer's own (pristine) base weights:
-nothing is written back, so any number of syncs leaves the trainer bit-identical (merge/unmerge in bf16 drifts, ~1.5e-2
-after 1000 cycles). Pairs are produced module by module (per FSDP unit when sharded), so the extra
+nothing is written back, so any number of syncs leaves the trainer bit-identical (merge/unmerge in
+bf16 drifts, ~1.5e-2 after 1000 cycles). Pairs are produced module by module (per FSDP unit when sharded), so the extra
 memory is one module, not a model copy. The pairs carry exactly the base checkpoint's names, which
 is what vLLM's `model.load_weights` and HF `load_state_dict` consume.
 """

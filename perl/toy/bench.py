@@ -39,10 +39,10 @@ def variant_overrides(config_path: str, variant: str, out_dir: str, overrides: l
     extra = [f"peft.name={method}", f"trainer.default_local_dir={out_dir}", f"trainer.experiment_name=toy_{variant}"]
     if loss != "token":
         extra.append(f"perl.loss_mode={loss}")
-    scale = get_method(method).lr_scale  # full fine-tuning: the paper's 0.1 x the adapters' lr
-    if scale != 1.0:
-        lr = float(compose(config_path, overrides).actor_rollout_ref.actor.optim.lr)
-        extra.append(f"actor_rollout_ref.actor.optim.lr={lr * scale:g}")
+    m = get_method(method)
+    if m.lr_scale != 1.0:  # full fine-tuning: the paper's 0.1 x the adapters' lr
+        lr = m.lr_for(compose(config_path, overrides).actor_rollout_ref.actor.optim.lr)
+        extra.append(f"actor_rollout_ref.actor.optim.lr={lr:g}")
     return [*overrides, *extra]
 
 

@@ -205,9 +205,9 @@ def compose(user: DictConfig | Mapping | str | None = None, overrides: Sequence[
     layers = [(base, "perl/verl_glue/config/perl_dapo.yaml"),
               (OmegaConf.from_dotlist([f"{k}={v}" for k, v in PRESETS[algorithm].items()]),
                f"perl.algorithm={algorithm} preset")]
-    scale = METHODS[method].lr_scale if method in METHODS else 1.0  # an unknown name is reported by peft_spec
-    if scale != 1.0:  # e.g. full fine-tuning at the paper's 1e-6 (the adapters' 1e-5 x 0.1), under the recipe
-        lr = float(f"{float(base.actor_rollout_ref.actor.optim.lr) * scale:g}")
+    m = METHODS.get(method)  # an unknown name is reported by peft_spec
+    if m is not None and m.lr_scale != 1.0:  # e.g. full fine-tuning at the paper's 1e-6, under the recipe
+        lr = m.lr_for(base.actor_rollout_ref.actor.optim.lr)
         layers.append((OmegaConf.create({"actor_rollout_ref": {"actor": {"optim": {"lr": lr}}}}), f"peft.name={method}"))
     layers += [(loss_strict, "perl.loss_mode"), (user, "recipe"), (strict, "override")]
     try:  # one merge into verl's (large, closed) schema; per layer only to name the culprit of an error

@@ -176,7 +176,6 @@ class PerlFSDPEngine(FSDPEngineWithLMHead):
         if self.perl is None:
             return
         self.spec = MethodSpec.from_dict(self.perl["spec"])
-        self.method = get_method(self.spec.name)
         sgrpo = self.perl.get("sgrpo")  # S-GRPO's token subset: the shortened forward (token_subset.py)
         if sgrpo is not None:
             from perl.algos.token_efficient import SGRPOConfig
@@ -211,7 +210,7 @@ class PerlFSDPEngine(FSDPEngineWithLMHead):
     def _build_lora_module(self, module):
         if self.perl is None:
             return super()._build_lora_module(module)
-        if not self.method.trains_every_parameter:
+        if not get_method(self.spec.name).trains_every_parameter:  # before the policy exists
             module.enable_input_require_grads()  # gradient checkpointing with a frozen embedding
         self.policy = adapt(module, self.spec, total_steps=self.adapt_total_steps())
         model = self.policy.model
