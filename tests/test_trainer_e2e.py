@@ -155,9 +155,41 @@ def assert_vllm_has_the_merged_weights(run_dir: str, tmp_path) -> dict[str, floa
     return d
 
 
-def assert_dynamic_sampling_dropped_flat_groups(run_dir: str, group_size: int = 4) -> None:
+# A user's own data set (perl.toy=null: verl's data.* keys and a model path, as on a GPU node): toy
+# problems, the first with a ground truth no 2-digit adder writes (nine digits, where its sums have
+# at most three). With data.shuffle=false step 1 samples it and its group is all-wrong whatever vLLM
+# samples, so dynamic sampling has a group to drop in every run (on the toy's own data a run may
+# draw none: each group's rewards are random).
+UNSOLVABLE = {"problem": "What is 99 + 99?", "answer": "123456789"}
+
+
+def own_data_overrides(tmp_path, cache: str) -> list[str]:
+    from perl.data import arithmetic_rows, to_verl_rows, write_parquet
+    from perl.toy.task import TOY_TEMPLATE, ToyConfig, cold_start_dir
+
+    cfg = ToyConfig()
+    problems = [p for p in arithmetic_rows(200, cfg.digits, cfg.ops, seed=0) if p["problem"] != UNSOLVABLE["problem"]]
+    path = str(tmp_path / "own.parquet")
+    write_parquet(to_verl_rows([UNSOLVABLE, *problems], "arith", "train", TOY_TEMPLATE).rows, path)
+    return ["perl.toy=null", f"actor_rollout_ref.model.path={cold_start_dir(cfg, cache_dir=cache, progress=False)}",
+            f"data.train_files={path}", f"data.val_files={path}", "data.shuffle=false"]
+
+
+def trained_prompts(run_dir: str, step: int) -> list[str]:
+    from transformers import AutoTokenizer
+
+    base_dir = json.load(open(os.path.join(run_dir, "perl_run.json")))["config"]["actor_rollout_ref"]["model"]["path"]
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    rec = torch.load(os.path.join(run_dir, "rollouts", f"step_{step}.pt"))
+    return [tok.decode(p, skip_special_tokens=True) for p in rec["prompts"]]
+
+
+def assert_dynamic_sampling_dropped_flat_groups(run_dir: str, group_size: int = 4, dropped: bool = True) -> None:
+    """No group whose rewards are all equal is in any training batch; with `dropped`, verl's eviction
+    count says some were generated and dropped (the runs on `own_data_overrides` always have one)."""
     rows = metrics(run_dir)
-    assert sum(r.get("training/filter_groups/evicted_samples", 0) for r in rows) > 0, rows
+    if dropped:
+        assert sum(r.get("training/filter_groups/evicted_samples", 0) for r in rows) > 0, rows
     for step in range(1, len(rows) + 1):
         rec = torch.load(os.path.join(run_dir, "rollouts", f"step_{step}.pt"))
         groups: dict[str, list[float]] = {}
@@ -190,12 +222,16 @@ def assert_checkpoint(run_dir: str, step: int, method: str) -> None:
 ])
 def test_method_trains_inside_verls_trainer(tmp_path, toy_cache, method, extra):
     run = str(tmp_path / method)
-    rc, log = run_perl(run, f"peft.name={method}", *E2E, *extra, cache=toy_cache)
+    own_data = own_data_overrides(tmp_path, toy_cache)
+    rc, log = run_perl(run, f"peft.name={method}", *[o for o in E2E if not o.startswith("perl.toy.")], *own_data,
+                       *extra, cache=toy_cache)
     assert_ok(rc, log)
     assert [r["step"] for r in metrics(run)] == [1, 2, 3]
     assert_checkpoint(run, 3, method)
     assert_vllm_has_the_merged_weights(run, tmp_path)
     assert_dynamic_sampling_dropped_flat_groups(run)
+    assert metrics(run)[0]["training/filter_groups/evicted_samples"] >= 1  # the unsolvable prompt's group ...
+    assert not any(UNSOLVABLE["problem"] in p for step in (1, 2, 3) for p in trained_prompts(run, step))  # ... gone
     assert "[perl] step 3/3 | reward" in log
 
 
@@ -299,7 +335,7 @@ def test_rerun_resumes_and_a_killed_run_resumes_from_its_last_checkpoint(tmp_pat
     assert_ok(rc, log)
     assert latest_step(run) == 4 and [r["step"] for r in metrics(run)] == [1, 2, 3, 4]
     assert_vllm_has_the_merged_weights(run, tmp_path)  # LoRA: step 3 was generated with checkpoint 2
-    assert_dynamic_sampling_dropped_flat_groups(run, group_size=8)
+    assert_dynamic_sampling_dropped_flat_groups(run, group_size=8, dropped=False)  # G=8: a flat group is rare
     first = json.load(open(os.path.join(run, "summary.json")))
     assert first["steps"] == 4 and first["resumed_from"] == 0
 

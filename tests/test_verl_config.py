@@ -274,6 +274,12 @@ def test_the_toy_sets_its_model_data_and_heldout_set(tmp_path):
     # perl.heldout=null: no evaluation, and nothing points at the held-out set
     cfg = vc.resolved(vc.compose(os.path.join(ROOT, "examples", "toy.yaml"), ["perl.heldout=null"]))
     assert cfg.perl.heldout is None
+    # perl.toy=null on the command line drops the recipe's toy: the run trains the model and data given
+    cfg = vc.resolved(vc.compose(os.path.join(ROOT, "examples", "toy.yaml"),
+                                 ["perl.toy=null", "perl.heldout=null", "actor_rollout_ref.model.path=/models/x",
+                                  "data.train_files=/data/t.parquet", "data.val_files=/data/t.parquet"]))
+    assert cfg.perl.toy is None and cfg.actor_rollout_ref.model.path == "/models/x"
+    assert cfg.data.train_files == "/data/t.parquet"
 
 
 def test_cpu_settings_are_derived_for_trainer_device_cpu(paths):

@@ -169,10 +169,15 @@ def _open(cfg: DictConfig, *paths: str) -> None:
             OmegaConf.set_struct(node, False)
 
 
+_ABSENT = object()
+
+
 def _pick(key: str, *layers: DictConfig, default: Any = None) -> Any:
+    """`key` from the first layer that sets it; an explicit null counts (`perl.toy=null` on the
+    command line drops the recipe's toy block)."""
     for layer in layers:
-        value = OmegaConf.select(layer, key, default=None)
-        if value is not None:
+        value = OmegaConf.select(layer, key, default=_ABSENT)
+        if value is not _ABSENT:
             return value
     return default
 
