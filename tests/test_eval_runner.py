@@ -80,7 +80,7 @@ def test_eval_cli(setup, tmp_path):
     fresh_base("tiny-llama").save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
     cmd = [sys.executable, "-m", "perl.cli", "eval", "--model", str(model_dir), "--data", f"toy={data}", "--k", "2",
-           "--max-new-tokens", "6", "--out", str(tmp_path / "ev"), "--device", "cpu"]
+           "--max-new-tokens", "6", "--out", str(tmp_path / "ev"), "--device", "cpu", "--reward", "require_think=false"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "toy: Avg@2" in proc.stdout
@@ -89,7 +89,23 @@ def test_eval_cli(setup, tmp_path):
     msg = [{"role": "user", "content": "What is 2 + 3?"}]
     reloaded = load_tokenizer(str(model_dir)).apply_chat_template(msg, add_generation_prompt=True, tokenize=True)
     assert reloaded["input_ids"] == tok.apply_chat_template(msg, add_generation_prompt=True, tokenize=True)["input_ids"]
-    assert json.loads((tmp_path / "ev" / "results.json").read_text())["benchmarks"]["toy"]["k"] == 2
+    results = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert results["benchmarks"]["toy"]["k"] == 2
+    assert results["config"]["reward"]["format"]["require_think"] is False  # scored by the rules asked for
+    samples = [json.loads(x) for x in open(tmp_path / "ev" / "toy.samples.jsonl")]
+    assert not any(r["status"] == "no_think" for r in samples)
+
+
+@pytest.mark.parametrize("reward,text", [(["thinks=false"], "--reward: unknown ['thinks']"),
+                                         (["require_think"], "--reward 'require_think': expected KEY=VALUE")])
+def test_eval_cli_refuses_a_bad_reward_option_before_loading_anything(setup, tmp_path, capsys, reward, text):
+    from perl.cli import main
+
+    d, data, tok = setup
+    args = ["eval", "--model", str(tmp_path), "--data", f"toy={data}", "--out", str(tmp_path / "ev")]
+    assert main(args + [f"--reward={r}" for r in reward]) == 2
+    assert text in capsys.readouterr().err
+    assert not (tmp_path / "ev").exists()
 
 
 def test_backend_choice_and_vllm_requests():

@@ -26,8 +26,12 @@ def test_smollm2_example_trains_through_verl_on_real_weights(tmp_path):
     cache = os.environ.get("PERL_TEST_CACHE") or str(tmp_path / "cache")
     cmd = [sys.executable, "-m", "perl.verl_glue", "--config", os.path.join(ROOT, "examples", "smollm2_arith.yaml"),
            f"trainer.default_local_dir={run}", "trainer.total_training_steps=2", "trainer.save_freq=2",
-           "trainer.logger=[console]", "data.train_batch_size=2", "actor_rollout_ref.actor.ppo_mini_batch_size=2",
-           "actor_rollout_ref.rollout.n=4", "perl.toy.heldout_size=8", "perl.heldout.k=1",
+           "trainer.logger=[console]", "actor_rollout_ref.rollout.n=4", "perl.toy.heldout_size=8", "perl.heldout.k=1",
+           # one prompt a step: at ~5% sampled accuracy most groups are all-wrong, and dynamic sampling
+           # generates until one has a reward that differs (each refill ~4 s on 2 cores)
+           "data.train_batch_size=1", "actor_rollout_ref.actor.ppo_mini_batch_size=1",
+           "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=4", "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=4",
+           "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu=4",
            "algorithm.filter_groups.max_num_gen_batches=20"]
     env = dict(os.environ, PERL_CACHE=cache, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1500, cwd=ROOT)
@@ -38,6 +42,7 @@ def test_smollm2_example_trains_through_verl_on_real_weights(tmp_path):
     assert summary["method"] == "lora" and 0 < summary["trainable_percent"] < 2 and summary["eval_problems"] == 8
     samples = [json.loads(x) for x in open(run / "heldout.samples.jsonl")]
     assert len(samples) == 8 and all(s["completion"] for s in samples)  # decoded by the real BPE tokenizer
+    assert not any(s["status"] == "no_think" for s in samples)  # scored by the recipe's rules (require_think: false)
 
     os.environ["PERL_CACHE"] = cache
     try:

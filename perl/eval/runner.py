@@ -94,7 +94,8 @@ def evaluate(model, tokenizer, benchmarks: dict[str, str], out_dir: str, config:
     eos = [tokenizer.eos_token_id]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     results: dict[str, Any] = {"run": {**(run_info or {}), "backend": backend.name}, "benchmarks": {},
-                               "config": {**asdict(config), "sampling": asdict(config.sampling)}}
+                               "config": {**asdict(config), "sampling": asdict(config.sampling),
+                                          "reward": asdict(reward.config)}}
     for name, path in benchmarks.items():
         rows = pd.read_parquet(path).to_dict("records")
         if not rows:

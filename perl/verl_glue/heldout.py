@@ -21,7 +21,7 @@ import os
 import shutil
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 HELDOUT = "heldout"  # the benchmark's name in results.json
 BEFORE_DIR = "eval_before"
@@ -42,6 +42,19 @@ def eval_settings(cfg: DictConfig):
     return EvalConfig(k={HELDOUT: int(block.k)}, seed=int(block.seed), batch_size=4096, sampling=sampling)
 
 
+def reward_kwargs(cfg: DictConfig) -> dict[str, Any]:
+    """The run's `perl.reward` (format rules such as `require_think: false` for an instruct model
+    without a think block): the held-out set is scored by the rules training is rewarded by."""
+    block = cfg.perl.get("reward")
+    return OmegaConf.to_container(block, resolve=True) if block else {}
+
+
+def heldout_reward(cfg: DictConfig):
+    from perl.reward import MathReward, reward_config
+
+    return MathReward(reward_config(reward_kwargs(cfg), field="perl.reward"))
+
+
 def _vllm_backend(cfg: DictConfig, model_dir: str):
     from perl.eval.backends import VLLMBackend
 
@@ -59,7 +72,7 @@ def evaluate_dir(cfg: DictConfig, model_dir: str, out_dir: str, run_info: dict[s
     backend = _vllm_backend(cfg, model_dir)
     try:
         return evaluate(backend, load_tokenizer(model_dir), {HELDOUT: str(cfg.perl.heldout.data)}, out_dir,
-                        eval_settings(cfg), run_info=run_info)
+                        eval_settings(cfg), reward=heldout_reward(cfg), run_info=run_info)
     finally:
         backend.close()
         del backend
@@ -91,7 +104,7 @@ def before_cache_dir(cfg: DictConfig, model_dir: str) -> str:
 
     settings = eval_settings(cfg)
     key = json.dumps({"model": _model_identity(model_dir), "data": _file_sha(str(cfg.perl.heldout.data)),
-                      "eval": {**asdict(settings), "sampling": asdict(settings.sampling)},
+                      "eval": {**asdict(settings), "sampling": asdict(settings.sampling)}, "reward": reward_kwargs(cfg),
                       "device": str(cfg.trainer.device)}, sort_keys=True)
     return os.path.join(cache_root(), HELDOUT, hashlib.sha256(key.encode()).hexdigest()[:16])
 
