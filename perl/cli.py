@@ -149,16 +149,18 @@ def _cmd_spectrum(args: argparse.Namespace) -> int:
 
 
 def _key_values(items: list[str], flag: str) -> dict:
-    """KEY=VALUE strings as a mapping; values read as YAML scalars (false, 5, 0.5, text)."""
-    import yaml
+    """KEY=VALUE strings as a mapping, values parsed as `perl train`'s key=value overrides are."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
-    out = {}
     for item in items:
-        key, sep, value = item.partition("=")
+        key, sep, _ = item.partition("=")
         if not sep or not key:
             raise ValueError(f"{flag} {item!r}: expected KEY=VALUE")
-        out[key.strip()] = yaml.safe_load(value)
-    return out
+    try:
+        return OmegaConf.to_container(OmegaConf.from_dotlist(items))
+    except OmegaConfBaseException as e:
+        raise ValueError(f"{flag}: {e}") from None
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:

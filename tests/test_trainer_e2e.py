@@ -115,6 +115,13 @@ def toy_cache(tmp_path_factory):
 # ------------------------------------------------------------------------------------------------
 
 
+def base_model_dir(run_dir: str) -> str:
+    """The model the run started from, as its resolved config (perl_run.json) names it."""
+    from perl.verl_glue.run_dir import RUN_FILE
+
+    return json.load(open(os.path.join(run_dir, RUN_FILE)))["config"]["actor_rollout_ref"]["model"]["path"]
+
+
 def _response_log_probs(model, prompt: torch.Tensor, response: torch.Tensor) -> torch.Tensor:
     ids = torch.cat([prompt, response]).unsqueeze(0)
     with torch.no_grad():
@@ -129,9 +136,9 @@ def rollout_vs_models(run_dir: str, step: int, tmp_path) -> dict[str, float]:
     from transformers import AutoModelForCausalLM
 
     from perl.sync.export import export_adapter_merged
-    from perl.verl_glue.run_dir import RUN_FILE, adapter_dir
+    from perl.verl_glue.run_dir import adapter_dir
 
-    base_dir = json.load(open(os.path.join(run_dir, RUN_FILE)))["config"]["actor_rollout_ref"]["model"]["path"]
+    base_dir = base_model_dir(run_dir)
     merged_dir = str(tmp_path / f"merged-{step - 1}")
     export_adapter_merged(base_dir, adapter_dir(run_dir, step - 1), merged_dir, dtype="fp32", progress=False)
     models = {"merged": AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval(),
@@ -175,13 +182,13 @@ def own_data_overrides(tmp_path, cache: str) -> list[str]:
             f"data.train_files={path}", f"data.val_files={path}", "data.shuffle=false"]
 
 
-def trained_prompts(run_dir: str, step: int) -> list[str]:
+def trained_prompts(run_dir: str, steps) -> list[str]:
+    """The prompts of every rollout trained on in `steps`, decoded."""
     from transformers import AutoTokenizer
 
-    base_dir = json.load(open(os.path.join(run_dir, "perl_run.json")))["config"]["actor_rollout_ref"]["model"]["path"]
-    tok = AutoTokenizer.from_pretrained(base_dir)
-    rec = torch.load(os.path.join(run_dir, "rollouts", f"step_{step}.pt"))
-    return [tok.decode(p, skip_special_tokens=True) for p in rec["prompts"]]
+    tok = AutoTokenizer.from_pretrained(base_model_dir(run_dir))
+    return [tok.decode(p, skip_special_tokens=True) for step in steps
+            for p in torch.load(os.path.join(run_dir, "rollouts", f"step_{step}.pt"))["prompts"]]
 
 
 def assert_dynamic_sampling_dropped_flat_groups(run_dir: str, group_size: int = 4, dropped: bool = True) -> None:
@@ -231,7 +238,7 @@ def test_method_trains_inside_verls_trainer(tmp_path, toy_cache, method, extra):
     assert_vllm_has_the_merged_weights(run, tmp_path)
     assert_dynamic_sampling_dropped_flat_groups(run)
     assert metrics(run)[0]["training/filter_groups/evicted_samples"] >= 1  # the unsolvable prompt's group ...
-    assert not any(UNSOLVABLE["problem"] in p for step in (1, 2, 3) for p in trained_prompts(run, step))  # ... gone
+    assert not any(UNSOLVABLE["problem"] in p for p in trained_prompts(run, (1, 2, 3)))  # ... gone
     assert "[perl] step 3/3 | reward" in log
 
 
@@ -243,7 +250,7 @@ def test_full_fine_tuning_trains_every_weight(tmp_path, toy_cache):
     assert_ok(rc, log)
     assert_checkpoint(run, 3, "full")
     assert_vllm_has_the_merged_weights(run, tmp_path)
-    base_dir = json.load(open(os.path.join(run, "perl_run.json")))["config"]["actor_rollout_ref"]["model"]["path"]
+    base_dir = base_model_dir(run)
     base = load_file(os.path.join(base_dir, "model.safetensors"))
     from perl.sync.export import export_adapter_merged
     from perl.verl_glue.run_dir import adapter_dir

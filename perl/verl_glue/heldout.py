@@ -50,9 +50,10 @@ def reward_kwargs(cfg: DictConfig) -> dict[str, Any]:
 
 
 def heldout_reward(cfg: DictConfig):
-    from perl.reward import MathReward, reward_config
+    """The process-wide reward for those rules (checked by compose): before and after share its verifiers."""
+    from perl.reward import reward_from_kwargs
 
-    return MathReward(reward_config(reward_kwargs(cfg), field="perl.reward"))
+    return reward_from_kwargs(reward_kwargs(cfg))
 
 
 def _vllm_backend(cfg: DictConfig, model_dir: str):
