@@ -9,7 +9,7 @@ setup(
     version="0.1.0",
     description="Parameter-efficient RL with verifiable rewards: 12 PEFT methods under DAPO, on verl",
     packages=find_packages(include=["perl", "perl.*"]),
-    package_data={"perl.verl_glue": ["config/*.yaml"]},  # the verl entry point's DAPO base config
+    package_data={"perl.verl_glue.config": ["*.yaml"]},  # the DAPO base config and the CPU profile
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.6",

@@ -58,3 +58,9 @@ def atomic_file(path: str, suffix: str = "") -> Iterator[str]:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def cache_root() -> str:
+    """Where PeRL caches what it builds once (the toy cold start, converted GGUF models, held-out
+    evaluations of a base model): $PERL_CACHE, else ~/.cache/perl."""
+    return os.environ.get("PERL_CACHE", os.path.expanduser("~/.cache/perl"))

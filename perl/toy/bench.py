@@ -30,19 +30,13 @@ def parse_variant(name: str) -> tuple[str, str]:
     return method, loss or "token"
 
 
-def variant_overrides(config_path: str, variant: str, out_dir: str, overrides: list[str]) -> list[str]:
+def variant_overrides(variant: str, out_dir: str, overrides: list[str]) -> list[str]:
     """The `perl train` overrides of one variant's run."""
-    from perl.methods import get_method
-    from perl.verl_glue.config import compose
-
     method, loss = parse_variant(variant)
     extra = [f"peft.name={method}", f"trainer.default_local_dir={out_dir}", f"trainer.experiment_name=toy_{variant}"]
     if loss != "token":
         extra.append(f"perl.loss_mode={loss}")
-    m = get_method(method)
-    if m.lr_scale != 1.0:  # full fine-tuning: the paper's 0.1 x the adapters' lr
-        lr = m.lr_for(compose(config_path, overrides).actor_rollout_ref.actor.optim.lr)
-        extra.append(f"actor_rollout_ref.actor.optim.lr={lr:g}")
+    # a method's own lr (full fine-tuning: 0.1 x the recipe's) is compose's rule, as in `perl train`
     return [*overrides, *extra]
 
 
@@ -73,7 +67,7 @@ def bench_toy(config_path: str, variants: list[str], out: str, overrides: list[s
     from perl.verl_glue.heldout import BEFORE_DIR
 
     overrides = list(overrides or [])
-    plans = {v: variant_overrides(config_path, v, os.path.join(os.path.abspath(out), v), overrides)
+    plans = {v: variant_overrides(v, os.path.join(os.path.abspath(out), v), overrides)
              for v in variants}  # checks every name before anything trains
     rows = []
     for i, variant in enumerate(variants):

@@ -37,7 +37,7 @@ def resolve_source_dir(block: dict[str, Any]) -> str:
 
 
 def converted_dir(gguf_path: str) -> str:
-    from perl.toy.task import cache_root
+    from perl.io import cache_root
 
     st = os.stat(gguf_path)
     key = hashlib.sha256(f"{os.path.abspath(gguf_path)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]

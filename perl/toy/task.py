@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from perl.generation.tokenizer import char_tokenizer, prompt_ids
+from perl.io import cache_root
 
 TOY_TEMPLATE = "{question}"  # the format is taught by the warm start; keeps prompts short on CPU
 # problem streams of the train, held-out and warm-start check sets (disjoint seeds)
@@ -92,6 +93,10 @@ class ToyTask:
     template: str = TOY_TEMPLATE  # the prompt: {question} is "What is a + b?"
     pretrained: dict | None = None
 
+    # The block's keys that change what a run trains (its data; the model is in the run identity
+    # through its path, which the cold start's settings and `pretrained` determine).
+    IDENTITY = ("train_size", "digits", "ops", "template")
+
     @classmethod
     def from_block(cls, block: dict) -> "ToyTask":
         """From the config's `perl.toy` mapping; an unknown key is an error naming the allowed ones."""
@@ -122,6 +127,16 @@ class ToyTask:
             gguf = self.pretrained.get("gguf_file")
             return converted_dir(os.path.join(source, gguf)) if gguf else source
         return os.path.join(cache_root(), f"toy-{self.model.key()}")
+
+    def model_shape(self):
+        """The model's config before it is built (a dry run): the cold start's HF config, or the
+        pretrained model's directory (a GGUF is converted once)."""
+        if self.pretrained:
+            from perl.toy.pretrained import pretrained_model_dir
+
+            return pretrained_model_dir(self.pretrained)
+        tok = char_tokenizer()
+        return self.model.model_config(len(tok), tok.pad_token_id, tok.eos_token_id)
 
     def data_paths(self, run_dir: str) -> dict[str, str]:
         data = os.path.join(run_dir, "data")
@@ -225,11 +240,6 @@ def sampled_accuracy(model, tok, rows: list[dict], seed: int, reward) -> float:
     scores = reward.score_batch(texts, [r["reward_model"]["ground_truth"] for r in rows])
     model.train(was_training)
     return sum(s["acc"] for s in scores) / max(len(scores), 1)
-
-
-def cache_root() -> str:
-    """Where PeRL caches what it builds once (the toy cold start, converted GGUF models): $PERL_CACHE."""
-    return os.environ.get("PERL_CACHE", os.path.expanduser("~/.cache/perl"))
 
 
 def cold_start_dir(cfg: ToyConfig = ToyConfig(), cache_dir: str | None = None, progress: bool = True) -> str:

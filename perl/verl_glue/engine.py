@@ -321,10 +321,11 @@ class PerlFSDPEngine(FSDPEngineWithLMHead):
     # ----- S-GRPO: the forward only where the loss is (perl.verl_glue.token_subset) ---------------
     def cut_to_sgrpo_subset(self, data):
         """Draw T_i for this optimizer step (seeded by step and rank) and cut the mini-batch to it."""
-        from perl.verl_glue.token_subset import cut_to_subset
+        from perl.verl_glue.token_subset import cut_to_subset, subset_generator
 
-        seed = (int(self.perl.get("seed", 0)) * 1_000_003 + self.policy.optimizer_steps) * 4099 + self.rank
-        return cut_to_subset(data, self.sgrpo, torch.Generator().manual_seed(seed))
+        # the run's seed (data.seed), written by the config's derive step
+        return cut_to_subset(data, self.sgrpo, subset_generator(self.perl["seed"], self.policy.optimizer_steps,
+                                                                self.rank))
 
     def prepare_model_inputs(self, micro_batch):
         model_inputs, output_args = super().prepare_model_inputs(micro_batch)

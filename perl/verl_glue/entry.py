@@ -42,11 +42,11 @@ def run_label(method: str, loss_mode: str) -> str:
     return method if loss_mode == "token" else f"{method} ({LOSS_LABELS.get(loss_mode, loss_mode)})"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="perl train",
-                                description="PeRL: DAPO/GRPO/Dr.GRPO with any PEFT method on verl 0.9.1",
-                                epilog=USAGE_EPILOG)
-    p.add_argument("--config", help="recipe YAML (verl keys + peft:/perl: blocks); default: the paper's DAPO base")
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options of a run: the one definition behind `perl train` and `python -m perl.verl_glue`."""
+    p.add_argument("--config", default=None,
+                   help="recipe YAML (verl keys + peft:/perl: blocks); default: the paper's DAPO base alone. "
+                        "The CPU toy run: --config examples/toy.yaml")
     p.add_argument("--dry-run", action="store_true",
                    help="print the resolved config and the adapted model's trainable parameters; start nothing")
     p.add_argument("--no-path-checks", action="store_true",
@@ -54,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("yaml", "json"), default="yaml", help="--dry-run output format")
     p.add_argument("overrides", nargs="*", help="key=value overrides")
     return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return add_arguments(argparse.ArgumentParser(
+        prog="perl train", description="PeRL: DAPO/GRPO/Dr.GRPO with any PEFT method on verl 0.9.1",
+        epilog=USAGE_EPILOG))
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -71,17 +77,17 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def prepare(argv: list[str]):
+def prepare(argv: list[str] | argparse.Namespace):
     """Parse, compose, build the toy's inputs (not for a dry run) and check; returns (args, config,
     adapter summary). Raises ConfigError."""
-    from perl.verl_glue.config import check, compose, materialize_toy
+    from perl.verl_glue.config import check, compose, materialize_toy, run_dir
 
-    args = build_parser().parse_args(argv)
+    args = argv if isinstance(argv, argparse.Namespace) else build_parser().parse_args(argv)
     with contextlib.redirect_stdout(sys.stderr):  # verl prints progress; stdout carries the config only
         cfg = compose(args.config, args.overrides)
         toy = cfg.perl.get("toy") is not None
         if not args.dry_run:
-            materialize_toy(cfg)
+            materialize_toy(cfg, run_dir(cfg))
         summary = check(cfg, paths=not (args.dry_run and (args.no_path_checks or toy)), require_vllm=not args.dry_run)
     return args, cfg, summary
 
@@ -108,29 +114,50 @@ def train(cfg) -> None:
             ray.shutdown()  # frees the trainer's processes before the evaluation starts its own vLLM
 
 
-def run(cfg, progress: bool = True) -> dict[str, Any]:
-    """One whole run (see the module docstring); returns summary.json's content."""
+def run(cfg, console=None) -> dict[str, Any]:
+    """One whole run (see the module docstring); returns summary.json's content. `console`
+    (perl.verl_glue.console.Console): where the libraries' output goes; by default the run's own,
+    as `perl.console` says."""
+    from omegaconf import OmegaConf
+
     from perl.io import atomic_file
     from perl.verl_glue import heldout as ho
     from perl.verl_glue.config import resolved, run_dir
+    from perl.verl_glue.console import Console
     from perl.methods.base import METADATA_FILE
-    from perl.verl_glue.run_dir import SUMMARY, adapter_dir, claim, latest_step, plot_reward_curve
+    from perl.verl_glue.run_dir import (METRICS_FILE, RESOLVED_CONFIG, SUMMARY, adapter_dir, claim, latest_step,
+                                        plot_reward_curve, progress_line, resuming_line)
 
     started = time.perf_counter()
     full = resolved(cfg)
     out = run_dir(full)
     claim(out, full)
+    with atomic_file(os.path.join(out, RESOLVED_CONFIG)) as tmp, open(tmp, "w") as f:
+        f.write(OmegaConf.to_yaml(full))
+    console = console or Console(out, verbose=full.perl.console == "verbose")
     spec = full.actor_rollout_ref.model.lora.perl
     method = str(full.peft.name)
     with_heldout = full.perl.heldout is not None and full.perl.heldout.data is not None
-    before = ho.evaluate_before(full, out) if with_heldout else None
+    before = None
+    if with_heldout:
+        with console.phase("eval_before"):
+            before = ho.evaluate_before(full, out)
+        console.say(f"[perl] held-out Avg@{int(full.perl.heldout.k)} before training: {before['overall_avg']:.3f}")
     start_step = latest_step(out)
-    train(cfg)
+    total = int(full.trainer.total_training_steps)
+    if start_step:
+        console.say(resuming_line(start_step, total, out))
+    with console.phase("train") as log:
+        console.say(f"[perl] verl's trainer: starting Ray, the workers and vLLM (log: {log})")
+        line = lambda row: progress_line(row, total, int(full.data.train_batch_size),  # noqa: E731
+                                         bool(full.algorithm.filter_groups.enable))
+        with console.follow(os.path.join(out, METRICS_FILE), line, after_step=start_step):
+            train(cfg)
     step = latest_step(out)
     curve = plot_reward_curve(out)
     summary: dict[str, Any] = {"method": method, "algorithm": str(full.perl.algorithm),
                                "loss_mode": str(full.perl.loss_mode), "steps": step, "resumed_from": start_step,
-                               "total_training_steps": int(full.trainer.total_training_steps),
+                               "total_training_steps": total,
                                "lr": float(full.actor_rollout_ref.actor.optim.lr),
                                "run_dir": out, "reward_curve": curve}
     if with_heldout:
@@ -140,7 +167,8 @@ def run(cfg, progress: bool = True) -> dict[str, Any]:
             trainable = json.load(f).get("trainable_percent")
         info = {"label": run_label(method, str(full.perl.loss_mode)), "method": method, "trainable_percent": trainable,
                 "checkpoint": adapter_dir(out, step), "metrics": os.path.join(out, "metrics.jsonl")}
-        after = ho.evaluate_after(full, out, step, info, fresh=step != start_step)
+        with console.phase("eval_after"):
+            after = ho.evaluate_after(full, out, step, info, fresh=step != start_step)
         summary.update({"eval_before": before["overall_avg"], "eval_after": after["overall_avg"],
                         "gain": after["overall_avg"] - before["overall_avg"], "eval_k": int(full.perl.heldout.k),
                         "eval_problems": int(after["benchmarks"][ho.HELDOUT]["problems"]),
@@ -162,12 +190,40 @@ def report(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def first_screen(full, summary: dict[str, Any]) -> str:
+    """What runs, in a dozen lines: method, model, data, batch arithmetic, where everything goes."""
+    from perl.verl_glue.config import format_arithmetic, run_dir
+    from perl.verl_glue.config.toy import model_label
+    from perl.verl_glue.console import LOGS_DIR
+    from perl.verl_glue.run_dir import RESOLVED_CONFIG
+
+    out = run_dir(full)
+    model = str(full.actor_rollout_ref.model.path)
+    label = model_label(full)
+    heldout = full.perl.heldout
+    lines = [f"[perl] {full.perl.algorithm.upper()} + {full.peft.name} on verl's trainer "
+             f"({'CPU, vLLM CPU' if full.trainer.device == 'cpu' else str(full.trainer.device)}), "
+             f"{int(full.trainer.total_training_steps)} steps",
+             format_summary(summary),
+             f"model:      {model}" + (f" ({label})" if label else ""),
+             f"data:       {full.data.train_files}",
+             f"lr:         {float(full.actor_rollout_ref.actor.optim.lr):g}, G = {int(full.actor_rollout_ref.rollout.n)}, "
+             f"loss {full.perl.loss_mode}"]
+    if heldout is not None and heldout.data is not None:
+        lines.append(f"held-out:   {heldout.data} (Avg@{int(heldout.k)} before and after)")
+    lines += [format_arithmetic(full.perl.derived),
+              f"run dir:    {out}",
+              f"            resolved config: {os.path.join(out, RESOLVED_CONFIG)}; verl/Ray/vLLM logs: "
+              f"{os.path.join(out, LOGS_DIR)}/"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | argparse.Namespace | None = None) -> int:
     from omegaconf import OmegaConf
 
     from perl.verl_glue.config import ConfigError, format_arithmetic, resolved
 
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = list(sys.argv[1:]) if argv is None else argv
     try:
         args, cfg, summary = prepare(argv)
     except (ConfigError, ValueError, FileNotFoundError) as e:
@@ -188,9 +244,7 @@ def main(argv: list[str] | None = None) -> int:
             if full.actor_rollout_ref.rollout.name == "vllm" and not vllm_available():
                 print("note:       vLLM is not installed here; a real run needs it (pip install 'perl-rlvr[gpu]')")
         return 0
-    print(OmegaConf.to_yaml(full), flush=True)  # the resolved config a run starts with
-    print("# run (perl.derived)\n" + format_arithmetic(full.perl.derived), flush=True)
-    print("# adapted model\n" + format_summary(summary), flush=True)
+    print(first_screen(full, summary), flush=True)
     try:
         print(report(run(cfg)), flush=True)
     except ValueError as e:  # a run directory holding other settings

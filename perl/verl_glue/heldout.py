@@ -101,7 +101,7 @@ def _file_sha(path: str) -> str:
 def before_cache_dir(cfg: DictConfig, model_dir: str) -> str:
     from dataclasses import asdict
 
-    from perl.toy.task import cache_root
+    from perl.io import cache_root
 
     settings = eval_settings(cfg)
     key = json.dumps({"model": _model_identity(model_dir), "data": _file_sha(str(cfg.perl.heldout.data)),

@@ -31,6 +31,7 @@ from typing import Any
 METRICS_FILE = "metrics.jsonl"
 REWARD_CURVE = "reward_curve.png"
 RUN_FILE = "perl_run.json"
+RESOLVED_CONFIG = "resolved_config.yaml"  # the full config the run started with (verl's keys + PeRL's blocks)
 SUMMARY = "summary.json"  # a finished run's numbers (written last, atomically)
 ADAPTER_DIR = "perl_adapter"  # peft-format adapter inside each verl actor checkpoint
 STATE_FILE = "perl_state.pt"  # PeRL step counter + AdaLoRA allocator state, beside it
@@ -89,7 +90,7 @@ class RunLog:
             f.writelines(json.dumps(r) + "\n" for r in kept)
         os.replace(tmp, self.path)
         if resumed_from > 0:
-            print(f"[perl] resuming at step {resumed_from}/{self.total_steps} from {run_dir}", flush=True)
+            print(resuming_line(resumed_from, self.total_steps, run_dir), flush=True)
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> dict[str, float]:
         row = {"step": int(step), **scalars(metrics)}
@@ -101,18 +102,28 @@ class RunLog:
         return row
 
     def progress_line(self, row: Mapping[str, float]) -> str:
-        def fmt(key: str, spec: str) -> str:
-            value = row.get(key)
-            return "n/a" if value is None or not math.isfinite(value) else format(value, spec)
+        return progress_line(row, self.total_steps, self.batch_groups, self.dynamic_sampling)
 
-        parts = [f"[perl] step {int(row['step'])}/{self.total_steps}", f"reward {fmt(SCORE, '.3f')}"]
-        if self.dynamic_sampling:  # verl reports the evicted groups only on steps that evicted some
-            parts.append(f"groups {self.batch_groups} kept, {int(row.get(DROPPED, 0))} dropped")
-        if ALL_GROUPS in row:
-            parts.append(f"acc (all groups) {fmt(ALL_GROUPS, '.3f')}")
-        parts += [f"entropy {fmt(ENTROPY, '.3f')}", f"clip {fmt(CLIPFRAC, '.4f')}",
-                  f"{fmt(STEP_TIME, '.1f')} s (gen {fmt(GEN_TIME, '.1f')} s)"]
-        return " | ".join(parts)
+
+def progress_line(row: Mapping[str, float], total_steps: int, batch_groups: int, dynamic_sampling: bool) -> str:
+    """The one line a step shows: reward, groups kept / dropped, accuracy over all groups, entropy,
+    clip fraction, step time (read by the trainer's process and by the entry point's console)."""
+    def fmt(key: str, spec: str) -> str:
+        value = row.get(key)
+        return "n/a" if value is None or not math.isfinite(value) else format(value, spec)
+
+    parts = [f"[perl] step {int(row['step'])}/{total_steps}", f"reward {fmt(SCORE, '.3f')}"]
+    if dynamic_sampling:  # verl reports the evicted groups only on steps that evicted some
+        parts.append(f"groups {batch_groups} kept, {int(row.get(DROPPED, 0))} dropped")
+    if ALL_GROUPS in row:
+        parts.append(f"acc (all groups) {fmt(ALL_GROUPS, '.3f')}")
+    parts += [f"entropy {fmt(ENTROPY, '.3f')}", f"clip {fmt(CLIPFRAC, '.4f')}",
+              f"{fmt(STEP_TIME, '.1f')} s (gen {fmt(GEN_TIME, '.1f')} s)"]
+    return " | ".join(parts)
+
+
+def resuming_line(step: int, total_steps: int, run_dir: str) -> str:
+    return f"[perl] resuming at step {step}/{total_steps} from {run_dir}"
 
 
 def plot_reward_curve(run_dir: str) -> str | None:
@@ -165,7 +176,7 @@ def adapter_dir(run_dir: str, step: int) -> str:
 # of the outputs, the machine layout and the held-out evaluation.
 RUN_IDENTITY = (
     "peft.name", "peft.rank", "peft.alpha", "peft.dropout", "peft.target_modules", "peft.options",
-    "perl.algorithm", "perl.loss_mode", "perl.sgrpo", "perl.toy.train_size", "perl.toy.digits", "perl.toy.ops",
+    "perl.algorithm", "perl.loss_mode", "perl.sgrpo",
     "actor_rollout_ref.model.path", "data.train_files", "data.train_batch_size", "data.max_prompt_length",
     "data.max_response_length", "actor_rollout_ref.actor.optim.lr", "actor_rollout_ref.actor.optim.weight_decay",
     "actor_rollout_ref.actor.ppo_mini_batch_size", "actor_rollout_ref.actor.ppo_epochs",
@@ -186,12 +197,15 @@ def run_identity(cfg) -> dict[str, Any]:
 
     from perl.methods import METHODS
 
+    from perl.verl_glue.config.toy import identity as toy_identity
+
     method = METHODS.get(str(OmegaConf.select(cfg, "peft.name")))
     keys = RUN_IDENTITY + (RUN_LENGTH_IDENTITY if method is not None and method.needs_run_length else ())
     out = {}
     for key in keys:
         value = OmegaConf.select(cfg, key, default=None)
         out[key] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+    out.update(toy_identity(cfg))  # the toy's own list: what of its block changes the data
     return json.loads(json.dumps(out, default=str))
 
 

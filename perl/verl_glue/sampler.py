@@ -18,6 +18,8 @@ from typing import Any
 
 from verl.trainer.ppo.v1.replay_buffer import ReplayBuffer
 
+from perl.verl_glue.run_dir import REFILLED
+
 
 class DynamicSamplingExhausted(RuntimeError):
     """Too many generation batches for one training batch: the groups almost never differ in reward."""
@@ -67,5 +69,5 @@ class PerlReplayBuffer(ReplayBuffer):
         batch, metrics = super().sample(global_steps, partition_id, batch_size)
         if partition_id != "val" and self.filter_groups_metric is not None:
             metrics = dict(metrics)
-            metrics["training/filter_groups/refilled_prompts"] = self.refilled_prompts
+            metrics[REFILLED] = self.refilled_prompts
         return batch, metrics

@@ -39,6 +39,12 @@ def _nested(rows: list[torch.Tensor]) -> torch.Tensor:
     return torch.nested.as_nested_tensor(rows, layout=torch.jagged)
 
 
+def subset_generator(seed: int, optimizer_step: int, rank: int) -> torch.Generator:
+    """The generator T_i is drawn with: one stream per (run seed, optimizer step, rank), so a run's
+    subsets follow its seed and a resumed run draws the same ones again."""
+    return torch.Generator().manual_seed((int(seed) * 1_000_003 + int(optimizer_step)) * 4099 + int(rank))
+
+
 def cut_to_subset(data, cfg: SGRPOConfig, generator: torch.Generator) -> tuple[Any, dict[str, float]]:
     """(the mini-batch cut after each response's last selected token, stats). See the module docstring."""
     from verl.utils import tensordict_utils as tu

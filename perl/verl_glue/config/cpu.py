@@ -1,0 +1,66 @@
+"""trainer.device=cpu: verl's trainer on a machine without an accelerator.
+
+The CPU platform (perl.verl_glue.cpu_platform) and vLLM's CPU build are the only differences from a
+GPU node; these are the settings they need. `CPU_REQUIRED` (here, in code) a CPU run cannot do
+without; `cpu.yaml` holds the CPU profile's defaults, which a recipe may change. Anything that
+drives verl's engine on CPU outside the trainer (tests, benches) reads the same layer
+(`cpu_defaults`).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from .layers import UserLayers, merge, nested
+from .errors import ConfigError
+
+CPU_DEVICE = "cpu"
+CPU_YAML = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu.yaml")
+# How often the dynamic-sampling buffer looks for finished groups (s): verl's default on a GPU node;
+# a CPU step generates in about a second, and a 2 s poll would round every step up to 2 s.
+GPU_POLL_S, CPU_POLL_S = 2.0, 0.2
+CPU_REQUIRED: dict[str, Any] = {
+    "actor_rollout_ref.rollout.enable_sleep_mode": False,  # vLLM's sleep mode is CUDA-only
+    "actor_rollout_ref.rollout.free_cache_engine": False,  # frees the KV cache through sleep mode
+    "actor_rollout_ref.rollout.enforce_eager": True,  # no CUDA graphs on CPU
+    "actor_rollout_ref.model.use_remove_padding": False,  # flash-attn's varlen kernels are CUDA-only
+}
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict) and node and not (prefix.endswith("mixed_precision")):
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: node}
+
+
+def cpu_defaults() -> dict[str, Any]:
+    """The CPU profile's defaults (cpu.yaml) as dotted keys; a mixed-precision block stays whole."""
+    return _flatten(OmegaConf.to_container(OmegaConf.load(CPU_YAML)))
+
+
+def cpu_settings(cfg: DictConfig, users: UserLayers) -> DictConfig:
+    """`CPU_REQUIRED`, and the CPU profile's defaults where the recipe and the overrides leave them
+    unset; Ray gets one logical "GPU" slot per worker (the CPU platform's placement tokens, see
+    perl.verl_glue.cpu_platform)."""
+    layer: dict[str, Any] = {}
+    for key, required in CPU_REQUIRED.items():
+        value, where = users.value(key)
+        if value is not None and value != required:
+            raise ConfigError(f"{key}={value} (in the {where}) cannot run with trainer.device=cpu: it must be "
+                              f"{required} there (vLLM's CPU build has no CUDA graphs, sleep mode or flash-attn)")
+        layer[key] = required
+    for key, default in cpu_defaults().items():
+        if users.value(key)[0] is None:
+            layer[key] = default
+    layer["ray_kwargs.ray_init.num_gpus"] = int(cfg.trainer.n_gpus_per_node) * int(cfg.trainer.nnodes)
+    return merge(cfg, nested(layer), "trainer.device=cpu settings", allow_new=True)
+
+
+def poll_interval(cfg: DictConfig) -> float:
+    return CPU_POLL_S if cfg.trainer.device == CPU_DEVICE else GPU_POLL_S
