@@ -66,8 +66,11 @@ def paths(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("verl-config")
     model = save_tiny_model("tiny-qwen2", str(root / "tiny-qwen2"))
-    for name in ("train", "val"):
-        (root / f"{name}.parquet").write_bytes(b"")  # existence is what the entry point checks
+    from perl.data import arithmetic_rows, to_verl_rows, write_parquet
+
+    for name in ("train", "val"):  # a few rows in verl's schema: the config check reads them
+        write_parquet(to_verl_rows(arithmetic_rows(4, 1, ("add",), seed=0), "arith", name).rows,
+                      str(root / f"{name}.parquet"))
     return {"model": model, "train": str(root / "train.parquet"), "val": str(root / "val.parquet")}
 
 

@@ -85,6 +85,8 @@ RECIPES: dict[str, dict] = {
     "dapo_lora_r1_1.5b": expect("lora", rank=1),
     "dapo_lora_r8_1.5b": expect("lora", rank=8),
     "dapo_lora_r16_1.5b": expect("lora", rank=16),
+    # beyond the paper: rank 1 at "LoRA Without Regret"'s alpha 32 and lr = 10 x the full-FT lr (1e-6)
+    "dapo_lora_r1_lwr_1.5b": expect("lora", rank=1, alpha=32, lr=1e-5),
     # long-horizon scaling: resumable, periodic evaluation, checkpoint retention
     "dapo_dora_scaling_1.5b": expect("dora", steps=4096, test_freq=64, save_freq=64, keep=4, val_before_train=True,
                                      val_files=["aime24.parquet", "aime25.parquet", "amc23.parquet"]),
@@ -131,13 +133,17 @@ def scripts() -> list[str]:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    """DATA_DIR with (empty) files of every name the recipes use, OUTPUT_DIR, and a stand-in
+    """DATA_DIR with a small file of every name the recipes use, OUTPUT_DIR, and a stand-in
     interpreter that records the driver's command line (NUL-separated) instead of running it."""
+    from perl.data import arithmetic_rows, to_verl_rows, write_parquet
+
     root = tmp_path_factory.mktemp("recipes")
     data = root / "data"
     data.mkdir()
-    for name in DATA_FILES:
-        (data / f"{name}.parquet").write_bytes(b"")  # the entry point checks existence
+    rows = to_verl_rows(arithmetic_rows(4, 1, ("add",), seed=0), "arith", "train").rows
+    for name in DATA_FILES:  # the config check reads the data files; the training set at DAPO-Math-17k's size
+        write_parquet(rows * (DAPO_17K_ROWS // len(rows)) if name == "dapo-math-17k" else rows,
+                      str(data / f"{name}.parquet"))
     argv_file = root / "argv"
     stub = root / "record-argv"
     stub.write_text(f"#!/bin/sh\nprintf '%s\\0' \"$@\" > '{argv_file}'\n")
@@ -189,7 +195,7 @@ def test_every_recipe_is_in_the_table_and_has_one_yaml():
     assert scripts() == sorted(RECIPES), "a recipe script without a row in RECIPES (or a row without a script)"
     assert sorted(set(yamls) - {"common"}) == sorted(RECIPES)
     assert len([r for r in RECIPES if r.startswith("dapo_") and r.endswith(("_1.5b", "_7b"))
-                and r.split("_", 1)[1].rsplit("_", 1)[0] in METHODS]) == 2 * len(METHODS) == 26
+                and r.split("_", 1)[1].rsplit("_", 1)[0] in METHODS]) == 2 * len(METHODS) == 28
 
 
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
@@ -231,6 +237,16 @@ def test_recipe_resolves_to_its_method_scale_and_the_paper_values(env, recipe):
     assert os.path.dirname(vc.resolved(cfg).data.train_files) == env["data"]
     assert list(cfg.trainer.logger) == ["console"]
     assert "--dry-run" in argv
+
+
+@pytest.mark.parametrize("recipe", by_scale(["dapo_tinylora_1.5b", "dapo_tinylora_7b"]))
+def test_tinylora_recipes_train_the_papers_13_parameters(env, recipe):
+    """TinyLoRA's recipes (arXiv 2602.04118): SVD rank 2, u=13, one vector tied across every
+    projection of every layer: 13 trained parameters whatever the model's size."""
+    _, cfg, summary = resolve(env, recipe)
+    assert dict(cfg.peft.options) == {"r": 2, "u": 13, "weight_tying": 1.0}
+    assert summary["options"] == {"r": 2, "u": 13, "weight_tying": 1.0, "projection_seed": 42, "save_projection": True}
+    assert summary["trainable"] == 13 and summary["category"] == "Efficient"
 
 
 def test_the_fixture_models_are_the_paper_models():
@@ -368,7 +384,7 @@ def test_a_recipe_end_to_end_through_bash_and_python(env):
     text, rest = proc.stdout.split("# run (perl.derived)")
     arithmetic, adapted = rest.split("# adapted model")
     printed = OmegaConf.create(text)
-    assert "completions per trainer step" in arithmetic and "epochs of 17,400 rows" in arithmetic
+    assert "completions per trainer step" in arithmetic and "epochs of 17,400 rows (the data files)" in arithmetic
     assert "method:     dora (Structural)" in adapted and "of 7,615,616,512 parameters" in adapted
     _, cfg, _ = resolve(env, recipe)
     assert OmegaConf.to_container(printed) == OmegaConf.to_container(vc.resolved(cfg))
@@ -428,7 +444,7 @@ def test_paper_recipes_count_the_batch_in_completions_as_the_paper(env, recipe):
     completions, epochs = expected_run(recipe)
     assert d.completions_per_optimizer_step == completions == d.completions_per_step
     assert d.optimizer_steps_per_step == 1 and d.prompts_per_step * 8 == completions
-    assert d.dataset_rows == DAPO_17K_ROWS and d.dataset_rows_from == "perl.dataset_rows"
+    assert d.dataset_rows == DAPO_17K_ROWS and d.dataset_rows_from == "the data files"
     assert d.epochs == pytest.approx(epochs, abs=1e-3)
     # gradient accumulation follows from the GPUs: the recipes' 8 GPUs at per-device 4 (1 at 7B)
     assert d.grad_accumulation_per_gpu == completions // 8 // (1 if recipe.endswith("_7b") else 4)
@@ -449,7 +465,11 @@ def test_dry_run_shows_the_batch_arithmetic(env, capsys):
     assert "# run (perl.derived)" in out
     assert "16 prompts x G = 128 completions per trainer step; 1 optimizer step(s) of 128 completions" in out
     assert "8 GPUs, gradient accumulation 4 micro-batches per optimizer step" in out
-    assert "16,384 prompts = 0.942 epochs of 17,400 rows (perl.dataset_rows)" in out
+    assert "16,384 prompts = 0.942 epochs of 17,400 rows (the data files)" in out
+    # without the files at hand, the recipe's declared size (recipes/yaml/common.yaml) is used
+    _, far, _ = prepare([a for a in argv[2:] if not a.startswith("perl.data_dir=")] + ["perl.data_dir=/nonexistent",
+                                                                                      "--dry-run", "--no-path-checks"])
+    assert (far.perl.derived.dataset_rows, far.perl.derived.dataset_rows_from) == (DAPO_17K_ROWS, "perl.dataset_rows")
     # the other reading is one explicit override away
     _, cfg, _ = prepare([a for a in argv[2:] if a != "--no-path-checks"] +
                         ["data.train_batch_size=128", "actor_rollout_ref.actor.ppo_mini_batch_size=128"])

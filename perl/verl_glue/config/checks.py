@@ -35,19 +35,48 @@ def model_dir(cfg: DictConfig) -> str:
     return path
 
 
-def check_data(cfg: DictConfig) -> None:
+def check_data(cfg: DictConfig, *, contents: bool = True) -> list:
+    """The data files exist and (`contents`) hold what verl and PeRL's reward read, with prompts
+    that fit data.max_prompt_length (perl.verl_glue.config.data_checks); returns their reports."""
+    from .data_checks import check_file, local_files
+
+    files: list[tuple[str, str]] = []
     for key in ("train_files", "val_files"):
-        files = cfg.data[key]
-        files = list(files) if isinstance(files, (list, ListConfig)) else [files]
-        if not files or files == [None]:
+        given = cfg.data[key]
+        if given is None or (isinstance(given, (list, ListConfig)) and not given):
             raise ConfigError(f"data.{key} is not set (parquet files in verl's RL format, see `perl prepare`)")
-        for f in files:
-            path = os.path.expanduser(str(f))
-            if not is_remote(path) and not os.path.exists(path):
-                raise ConfigError(f"data.{key}: {path} does not exist (prepare it with `perl prepare`)")
+        files += [(f"data.{key}", f) for f in local_files(given)]
     heldout = cfg.perl.heldout.get("data") if cfg.perl.get("heldout") is not None else None
-    if heldout is not None and not os.path.exists(os.path.expanduser(str(heldout))):
-        raise ConfigError(f"perl.heldout.data: {heldout} does not exist (a parquet in verl's schema, `perl prepare`)")
+    if heldout is not None:
+        files += [("perl.heldout.data", f) for f in local_files(heldout)]
+    for key, path in files:
+        if not os.path.exists(path):
+            raise ConfigError(f"{key}: {path} does not exist (prepare it with `perl prepare`)")
+    if not contents:
+        return []
+    data = cfg.data
+    tokenizer = run_tokenizer(cfg)
+    return [check_file(path, key, tokenizer=tokenizer, max_prompt_length=int(data.max_prompt_length),
+                       filter_overlong=bool(data.get("filter_overlong_prompts", True)),
+                       truncation=str(data.get("truncation", "error")), prompt_key=str(data.get("prompt_key", "prompt")),
+                       reward_key=str(data.get("reward_fn_key", "data_source")),
+                       chat_kwargs=dict(data.get("apply_chat_template_kwargs") or {}))
+            for key, path in dict.fromkeys(files)]
+
+
+def run_tokenizer(cfg: DictConfig):
+    """The tokenizer verl will use (model.tokenizer_path or the model's), or None where it is not at
+    hand (a remote path, a dry run before the toy's model exists)."""
+    model = cfg.actor_rollout_ref.model
+    path = os.path.expanduser(str(model.get("tokenizer_path") or model.path))
+    if is_remote(path) or not any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
+        return None  # remote, or no tokenizer files (a config-only model directory)
+    from perl.generation.tokenizer import load_tokenizer
+
+    try:
+        return load_tokenizer(path)
+    except Exception:  # no tokenizer files there: the model check reports the directory itself
+        return None
 
 
 def check_rollout(cfg: DictConfig, *, require_vllm: bool = True) -> None:
@@ -221,18 +250,22 @@ def verl_validate(cfg: DictConfig) -> bool:
 
 
 def check(cfg: DictConfig, *, paths: bool = True, require_vllm: bool = True) -> dict[str, Any]:
-    """Every check that can run before Ray starts. Returns the adapted model's summary.
+    """Every check that can run before Ray starts. Returns the adapted model's summary, with what
+    the data checks noticed under "data_notes".
 
     `require_vllm=False` (a dry run) checks the config for any machine: neither vLLM nor the
     machine's accelerator is asked for."""
+    from .types import check_types
+
+    check_types(cfg)
     if require_vllm:
         check_device(cfg)
     check_algorithm(cfg)
     check_batches(cfg)
-    if paths:
-        check_data(cfg)
+    reports = check_data(cfg) if paths else []
     summary = adapted_summary(cfg)
     check_rollout(cfg, require_vllm=require_vllm)
     verl_validate(cfg)
+    summary["data_notes"] = [f"{r.path}: {note}" for r in reports for note in r.notes if "not measured" not in note]
     return summary
 
