@@ -37,6 +37,17 @@ def test_percentages_in_the_papers_regime(report_1p5b):
     assert max(pct[m] for m in ("vera", "ia3", "ln_tuning")) < pct["lora"] / 40
 
 
+def test_tinylora_trains_13_parameters_of_the_15b(report_1p5b):
+    """TinyLoRA's paper setting (u=13, one vector for all 7 x 28 projections): 13 of 1.78B, and the
+    table prints the share instead of rounding it to 0."""
+    from perl.cli import format_methods_table
+
+    row = next(r for r in report_1p5b["methods"] if r["method"] == "tinylora")
+    assert row["trainable"] == 13 and row["category"] == "Efficient" and len(row["target_modules"]) == 7
+    assert row["percent"] == pytest.approx(100 * 13 / 1_777_088_000)
+    assert "| tinylora | Efficient | 13 | 7.3e-07% |" in format_methods_table(report_1p5b)
+
+
 def test_vera_on_q_v_matches_paper_count():
     """The paper's 0.0029% for VeRA is what peft's default targets (q, v only) give."""
     from perl.cli import methods_report
@@ -53,7 +64,7 @@ def test_table_output_and_errors():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("| ")]
-    assert len(lines) == 1 + 13 and "| lora | Baseline |" in proc.stdout
+    assert len(lines) == 1 + 14 and "| lora | Baseline |" in proc.stdout
     bad = subprocess.run([sys.executable, "-m", "perl.cli", "methods", "--model", "no-such-model"],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "known config name" in bad.stderr

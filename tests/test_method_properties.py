@@ -10,8 +10,9 @@ from conftest import batch, fresh_base, logits_of, train_steps
 from perl.methods import ALL_LINEAR, METHODS, adapt, count_parameters
 
 R, ALPHA = 8, 16.0
-EXPECTED = {"full", "lora", "dora", "miss", "adalora", "lora_plus", "rslora", "pissa", "milora", "lora_fa", "vera",
-            "ln_tuning", "ia3"}
+PAPER = {"full", "lora", "dora", "miss", "adalora", "lora_plus", "rslora", "pissa", "milora", "lora_fa", "vera",
+         "ln_tuning", "ia3"}
+EXPECTED = PAPER | {"tinylora"}  # beyond the paper (issue 29)
 
 
 def _spec(name, **kw):
@@ -30,7 +31,7 @@ def _n_layers(model):
     return model.get_base_model().config.num_hidden_layers
 
 
-def test_registry_has_exactly_the_paper_methods():
+def test_registry_has_exactly_the_paper_methods_and_tinylora():
     assert set(METHODS) == EXPECTED
     for m in METHODS.values():
         assert m.category in {"Baseline", "Structural", "Efficient", "Initialization", "Other"}
@@ -273,3 +274,85 @@ def test_base_weights_frozen(arch, name):
     embed = policy.model.get_input_embeddings().weight
     assert not embed.requires_grad
     assert 0 < policy.num_trainable() < policy.base_param_count
+
+
+# ------------------------------------------------------------------------------------------------
+# TinyLoRA (arXiv 2602.04118): W + B (sum_i v_i P_i) A, B A the frozen top-r SVD of W, v trained
+# ------------------------------------------------------------------------------------------------
+
+
+def _tiny_layers(model):
+    from peft.tuners.tinylora import TinyLoraLayer
+
+    return _layers(model, TinyLoraLayer)
+
+
+def test_tinylora_defaults_are_the_papers_13_parameters(arch):
+    policy = adapt(fresh_base(arch), {"name": "tinylora"})
+    assert policy.options == {"r": 2, "u": 13, "weight_tying": 1.0, "projection_seed": 42, "save_projection": True}
+    layers = _tiny_layers(policy.model)
+    assert len(layers) == 7 * _n_layers(policy.model)
+    (name, v), = _trainable(policy).items()  # one vector for the whole model ...
+    assert policy.num_trainable() == 13 and v.shape == (13,)
+    assert name == "base_model.tinylora_v.default.0"  # ... registered once, outside every decoder layer
+    assert [n for n, p in policy.model.named_parameters(remove_duplicate=False) if p.requires_grad] == [name]
+    for layer in layers.values():  # ... and referenced by every adapted module
+        assert layer.tinylora_v["default"][layer._tinylora_v_key["default"]] is v
+    assert torch.count_nonzero(v) == 0
+
+
+@pytest.mark.parametrize("tying", [0.0, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("u", [1, 13])
+def test_tinylora_trains_u_per_group(tying, u):
+    """Trainable count = u x groups, groups = round(modules x (1 - weight_tying)), at least 1 (peft's rule,
+    written out here), each module bound to its group's vector."""
+    policy = adapt(fresh_base("tiny-qwen2"), {"name": "tinylora", "u": u, "weight_tying": tying})
+    modules = 7 * _n_layers(policy.model)
+    groups = max(1, round(modules * (1 - tying)))
+    assert policy.num_trainable() == u * groups
+    vectors = {id(p) for _, p in policy.trainable_parameters()}
+    assert len(vectors) == groups
+    bound = {id(layer.tinylora_v["default"][layer._tinylora_v_key["default"]])
+             for layer in _tiny_layers(policy.model).values()}
+    assert bound == vectors  # every vector is used, and only trained vectors are used
+
+
+def test_tinylora_svd_factors_and_projections_are_frozen_and_the_top_r_svd(arch):
+    original = fresh_base(arch)
+    w0 = {n: m.weight.detach().clone() for n, m in original.named_modules() if isinstance(m, nn.Linear)}
+    policy = adapt(original, {"name": "tinylora", "weight_tying": 0.5})
+    layers = _tiny_layers(policy.model)
+    frozen = {n: t.detach().clone() for n, t in policy.model.state_dict().items() if "tinylora_v" not in n}
+    for lname, layer in layers.items():
+        w = w0[lname.removeprefix("base_model.model.")]
+        u_, s, vh = torch.linalg.svd(w, full_matrices=False)
+        a, b, p = layer.tinylora_A["default"], layer.tinylora_B["default"], layer.tinylora_P["default"]
+        assert a.shape == (2, w.shape[1]) and b.shape == (w.shape[0], 2) and p.shape == (13, 2, 2)
+        torch.testing.assert_close(b @ a, u_[:, :2] @ torch.diag(s[:2]) @ vh[:2], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(b.norm(dim=0), a.norm(dim=1))  # sqrt(S) on each side
+        for t in (a, b, p):  # buffers: nothing an optimizer could reach
+            assert not isinstance(t, nn.Parameter) and not t.requires_grad
+    assert not any(id(layer.tinylora_P["default"]) == id(other.tinylora_P["default"])
+                   for other in layers.values() for layer in layers.values() if layer is not other)
+    in_opt = {id(p) for g in policy.param_groups(1e-2) for p in g["params"]}
+    assert in_opt == {id(p) for _, p in policy.trainable_parameters()}
+    train_steps(policy, steps=3)
+    after = policy.model.state_dict()
+    moved = [n for n in frozen if not torch.equal(after[n], frozen[n])]
+    assert not moved, moved  # base weights, A, B, P: bit for bit
+    assert all(torch.count_nonzero(p) > 0 for _, p in policy.trainable_parameters())
+
+
+def test_tinylora_is_the_base_at_init_and_moves_with_v(arch):
+    base = fresh_base(arch)
+    ids = batch()
+    want = logits_of(base, ids)
+    policy = adapt(base, {"name": "tinylora"})
+    assert torch.equal(logits_of(policy.model, ids), want)  # v = 0: exactly the base
+    (_, v), = _trainable(policy).items()
+    with torch.no_grad():
+        v.fill_(0.05)
+    assert (logits_of(policy.model, ids) - want).abs().max() > 1e-3
+    with policy.model.disable_adapter():  # the reference policy: the adapter off is the base again
+        assert torch.equal(logits_of(policy.model, ids), want)
+

@@ -108,3 +108,20 @@ def test_ambiguous_flat_parameter_is_refused_for_lora_fa():
 def test_method_option_values_are_checked_before_building():
     assert "lr_ratio must be a number > 0" in _err({"name": "lora_plus", "lr_ratio": 0})
     assert "variant must be one of" in _err({"name": "miss", "variant": "fancy"})
+
+
+@pytest.mark.parametrize("options,text", [
+    ({"u": 0}, "u must be an integer >= 1"),
+    ({"r": 2.5}, "r must be an integer >= 1"),
+    ({"weight_tying": 1.5}, "weight_tying must be a number in [0, 1]"),
+    ({"weight_tying": True}, "weight_tying must be a number in [0, 1]"),
+    ({"save_projection": "yes"}, "save_projection must be true or false"),
+    ({"projection_seed": 0.5}, "projection_seed must be an integer"),
+])
+def test_tinylora_option_values_are_checked_before_building(options, text):
+    assert text in _err({"name": "tinylora", **options})
+
+
+def test_tinylora_options_are_its_own():
+    assert "'weight_tying' belongs to tinylora, not to lora" in _err({"name": "lora", "weight_tying": 1.0})
+    assert "'d_initial' belongs to vera, not to tinylora" in _err({"name": "tinylora", "d_initial": 0.1})

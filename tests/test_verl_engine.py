@@ -1,7 +1,7 @@
 """PeRL's verl engine on CPU: 2 gloo processes, FSDP2, verl's own engine code (VERL_PLATFORM=cpu).
 
 verl cannot train on CPU (its rollout needs vLLM/SGLang), but everything the engine owns runs here:
-model and optimizer building for all 13 methods, one DAPO update through verl's forward/backward
+model and optimizer building for all 14 methods, one DAPO update through verl's forward/backward
 and optimizer step, the rollout weight sync, the reference policy, and checkpoint save/resume.
 """
 
@@ -52,13 +52,22 @@ def _report(dist_run, marker: str) -> str:
 
 
 def test_engine_builds_steps_syncs_and_refs_every_method_under_fsdp2(dist_run):
-    """tests/dist/verl_engine.py: all 13 methods (+ tied-embedding Llama) on 2 ranks, and S-GRPO's
+    """tests/dist/verl_engine.py: all 14 methods (+ tied-embedding Llama) on 2 ranks, and S-GRPO's
     shortened forward against the full forward with the same token subset."""
-    out = _report(dist_run, "VERL_ENGINE_OK 14")
-    assert out.count("ok engine tiny-") == 14 and "ok engine sgrpo" in out
+    out = _report(dist_run, "VERL_ENGINE_OK 15")
+    assert out.count("ok engine tiny-") == 15 and "ok engine sgrpo" in out
+
+
+def test_tinylora_tied_vector_is_summed_over_units_and_ranks_and_stepped_once(dist_run):
+    """tests/dist/verl_engine.py `check_tied_gradient`: TinyLoRA's one vector, used in every decoder
+    layer's FSDP2 unit, under PerlFSDPEngine on 2 ranks with different batches: its gradient equals
+    the single-process reference (summed over every module, averaged over the ranks' batches), and
+    verl's optimizer step moves it once."""
+    out = _report(dist_run, "VERL_ENGINE_OK 15")
+    assert "ok engine tinylora tied gradient" in out
 
 
 def test_checkpoint_save_resume_is_exact_and_exports_peft_adapters(dist_run):
     """tests/dist/verl_checkpoint.py: exact resume and peft-format adapter export."""
-    out = _report(dist_run, "VERL_CHECKPOINT_OK 6")
-    assert dist_run[0] == 0 and out.count("ok checkpoint ") == 6
+    out = _report(dist_run, "VERL_CHECKPOINT_OK 7")
+    assert dist_run[0] == 0 and out.count("ok checkpoint ") == 7

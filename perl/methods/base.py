@@ -286,8 +286,13 @@ class AdaptedPolicy:
 
 
 def format_percent(p: float) -> str:
-    """A trainable share as the paper's tables print it (100%, 1.23%, 0.0123%)."""
-    return f"{p:.0f}%" if p >= 99.995 else (f"{p:.2f}%" if p >= 0.1 else f"{p:.4f}%")
+    """A trainable share as the paper's tables print it (100%, 1.23%, 0.0123%); below 0.0001%, where
+    four decimals would print 0 (TinyLoRA's 13 parameters), two significant digits (7.3e-07%)."""
+    if p >= 99.995:
+        return f"{p:.0f}%"
+    if p >= 0.1:
+        return f"{p:.2f}%"
+    return f"{p:.4f}%" if p >= 0.00005 or p == 0 else f"{p:.2g}%"
 
 
 def _json_default(obj: Any) -> Any:

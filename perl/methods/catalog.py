@@ -471,6 +471,92 @@ class Vera(PeftTuner):
         return {"weight": w}
 
 
+@register
+class TinyLora(PeftTuner):
+    """TinyLoRA ("Learning to Reason in 13 Parameters", Morris et al., arXiv 2602.04118), beyond the
+    paper's Table 1: W + B (sum_i v_i P_i) A, with B A the frozen top-r SVD of W (sqrt(S) on each
+    side, LoRA-XS), P fixed random (u, r, r) per module, and only v (u numbers per group) trained.
+
+    Built with peft 0.21.2's `TinyLoraConfig`. Defaults are the paper's headline setting as peft and
+    the abstract give it: SVD rank r=2, u=13, `weight_tying=1.0` (one v for the whole model: 13
+    trainable parameters), v starting at zero (the adapted model is the base at init). peft names the
+    rank `r`, and it is an option here: the shared `peft.rank` / `peft.alpha` are LoRA's knobs and
+    do not apply (as for IA3 and LN tuning). Learning rate: none of the sources at hand (the abstract,
+    peft's docs, secondary summaries) states the paper's, so TinyLoRA trains at the adapters' lr
+    (`lr_scale` 1.0: the recipes' 1e-5, the toy's 1e-3); recipes/README.md says to sweep it.
+
+    What peft does not do, and this class adds: peft registers the one dict of vectors
+    (`base_model.tinylora_v`) as a submodule of every adapted layer as well, so FSDP would place the
+    same tensor in every decoder layer's unit (FSDP2 fails on the second). `_own_vectors` keeps the
+    layers' reference as a plain attribute (peft's forward looks it up there) and the dict registered
+    once, at the tuner, outside every decoder layer: under FSDP the vectors are the root unit's, whose
+    gradient collects every module's contribution before one reduction over the ranks, and the
+    optimizer holds each vector once. peft's adapter format (`base_model.tinylora_v.<i>`) is unchanged.
+    """
+
+    name = "tinylora"
+    category = "Efficient"
+    summary = "vector v (u per group) through fixed random P into the frozen top-r SVD of W"
+    options = {"r": 2, "u": 13, "weight_tying": 1.0, "projection_seed": 42, "save_projection": True}
+
+    def prepare_options(self, spec, options, total_steps):
+        for key in ("r", "u"):
+            value = options[key]
+            _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                     f"tinylora: option {key} must be an integer >= 1, got {value!r}")
+        tying = options["weight_tying"]
+        _require(isinstance(tying, (int, float)) and not isinstance(tying, bool) and 0.0 <= tying <= 1.0,
+                 f"tinylora: option weight_tying must be a number in [0, 1] (0: one v per module, 1: one v "
+                 f"for the model), got {tying!r}")
+        _require(isinstance(options["projection_seed"], int) and not isinstance(options["projection_seed"], bool),
+                 f"tinylora: option projection_seed must be an integer, got {options['projection_seed']!r}")
+        _require(isinstance(options["save_projection"], bool),
+                 f"tinylora: option save_projection must be true or false, got {options['save_projection']!r}")
+        return {**options, "weight_tying": float(tying)}
+
+    def peft_config(self, spec, options, targets, state):
+        from peft import TinyLoraConfig
+
+        return TinyLoraConfig(
+            r=options["r"],
+            u=options["u"],
+            weight_tying=options["weight_tying"],
+            projection_seed=options["projection_seed"],
+            save_projection=options["save_projection"],
+            init_weights=True,  # v = 0: the adapted model is the base at init
+            tinylora_dropout=spec.dropout,
+            target_modules=list(targets),
+            task_type="CAUSAL_LM",
+        )
+
+    @staticmethod
+    def _own_vectors(model: nn.Module) -> nn.Module:
+        """Register the vectors once, at the tuner (see the class docstring); idempotent."""
+        tuner = model.base_model
+        vectors = tuner.tinylora_v
+        for module in tuner.model.modules():
+            if module._modules.get("tinylora_v") is vectors:
+                del module._modules["tinylora_v"]
+                object.__setattr__(module, "tinylora_v", vectors)  # a reference, not a child module
+        return model
+
+    def build(self, model, spec, options, targets, state):
+        return self._own_vectors(super().build(model, spec, options, targets, state))
+
+    def load(self, base_model, in_dir, meta, is_trainable, state):
+        return self._own_vectors(super().load(base_model, in_dir, meta, is_trainable, state))
+
+    def merge_layer(self, layer):
+        """W + B R A with R = sum_i v_i P_i (peft's `get_delta_weight`), in fp32."""
+        check_linear(layer)
+        w = fp32(layer.get_base_layer().weight)
+        for adapter in active_in(layer, layer.tinylora_A):
+            v = fp32(layer.tinylora_v[adapter][layer._tinylora_v_key[adapter]])
+            r = torch.einsum("i,ijk->jk", v, fp32(layer.tinylora_P[adapter]))
+            w = w + fp32(layer.tinylora_B[adapter]) @ r @ fp32(layer.tinylora_A[adapter])
+        return {"weight": w}
+
+
 # ----------------------------------------------------------------------------------------------
 # Initialization
 # ----------------------------------------------------------------------------------------------

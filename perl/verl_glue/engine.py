@@ -148,7 +148,7 @@ def adapter_parameter_filter(model: nn.Module, method: Method) -> Callable[[str,
     """Select the parameters a method trains or owns (not the frozen base): what an adapter file holds."""
     if method.trains_every_parameter:
         return lambda name, p: True
-    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 
     ids = set()
     for module in model.modules():
@@ -156,6 +156,9 @@ def adapter_parameter_filter(model: nn.Module, method: Method) -> Callable[[str,
             for name, p in module.named_parameters():
                 if not name.startswith("base_layer."):
                     ids.add(id(p))
+        elif isinstance(module, BaseTuner):  # held by the tuner itself (TinyLoRA's shared vectors)
+            inside = {id(p) for p in module.model.parameters()}
+            ids.update(id(p) for p in module.parameters() if id(p) not in inside)
     return lambda name, p: id(p) in ids
 
 

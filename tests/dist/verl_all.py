@@ -20,6 +20,9 @@ def main() -> None:
     verl_engine.check_sgrpo(dirs["tiny-qwen2"])
     if rank == 0:
         print("ok engine sgrpo", flush=True)
+    verl_engine.check_tied_gradient(dirs["tiny-qwen2"])
+    if rank == 0:
+        print("ok engine tinylora tied gradient", flush=True)
         print(f"VERL_ENGINE_OK {len(verl_engine.RUNS)}", flush=True)
     root = os.path.join(os.environ["PERL_VERL_TMP"], "ckpt")
     for method in verl_checkpoint.METHODS:

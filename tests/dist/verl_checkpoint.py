@@ -23,7 +23,7 @@ from perl.sync import merged_state_dict  # noqa: E402
 from perl.verl_glue.engine import ADAPTER_DIR, STATE_FILE  # noqa: E402
 from perl.verl_glue.standalone_actor import build_actor_engine, cfg_for, synthetic_batch, train_step  # noqa: E402
 
-METHODS = ("lora", "adalora", "pissa", "vera", "ln_tuning", "full")
+METHODS = ("lora", "adalora", "pissa", "vera", "ln_tuning", "full", "tinylora")  # tinylora: a vector at the root unit
 EXTRA = {"adalora": ["peft.options.tinit=0", "peft.options.tfinal=2"]}
 
 

@@ -145,6 +145,65 @@ def check_sgrpo(path: str) -> None:
     assert moved > 1000 * max(diffs.values()), ("the S-GRPO step did not train", moved)
 
 
+def check_tied_gradient(path: str) -> None:
+    """TinyLoRA's one vector is used by every adapted module of every decoder layer, and verl wraps each
+    decoder layer as its own FSDP2 unit. Built by PerlFSDPEngine on 2 ranks, each rank with its own
+    batch: the vector's gradient equals a single-process reference (the mean loss over both ranks'
+    batches, every module's contribution summed by autograd), the engine's clip norm counts it once,
+    and one optimizer step moves it by exactly -lr x that gradient (once). The reference differs
+    clearly from what a per-rank gradient or one unit's modules alone would give, so a missing sum
+    over ranks or over units fails here."""
+    import torch.distributed as dist
+
+    lr = 0.1
+    cfg = cfg_for(path, "tinylora", ["peft.dropout=0.0", "actor_rollout_ref.actor.optim.optimizer=SGD",
+                                     f"actor_rollout_ref.actor.optim.lr={lr}", "actor_rollout_ref.actor.optim.clip_grad=1e6"])
+    eng, _ = build_actor_engine(cfg)
+    (name, v), = eng.policy.trainable_parameters()
+    assert name == "base_model.tinylora_v.default.0" and type(v).__name__ == "DTensor", name
+    assert [p for g in eng.optimizer.param_groups for p in g["params"]] == [v]
+    assert torch.count_nonzero(v.full_tensor()) == 0  # v starts at zero: the policy is the base
+
+    def ids_of(rank: int) -> torch.Tensor:
+        return torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(100 + rank))
+
+    def loss_of(model, ids: torch.Tensor) -> torch.Tensor:
+        logits = model(input_ids=ids).logits.float()
+        return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
+
+    # the single-process reference: an unsharded policy holding the engine's weights
+    reference = unsharded_policy(eng, path)
+    (_, ref_v), = reference.trainable_parameters()
+
+    def reference_grad(*ranks: int) -> torch.Tensor:
+        reference.model.zero_grad(set_to_none=True)
+        (sum(loss_of(reference.model, ids_of(r)) for r in ranks) / len(ranks)).backward()
+        return ref_v.grad.detach().clone()
+
+    want = reference_grad(0, 1)
+    local = reference_grad(dist.get_rank())  # what a rank would step on without the reduction over ranks
+    # v = 0, so zeroing a module's projections leaves the forward as it is and removes exactly that
+    # module's share of the gradient: what the modules of one unit (decoder layer 0) alone give
+    for lname, layer in reference.model.named_modules():
+        if hasattr(layer, "tinylora_P") and ".layers.0." not in lname:
+            layer.tinylora_P["default"].zero_()
+    one_unit = reference_grad(0, 1)
+    tol = 1e-6 + 1e-5 * float(want.abs().max())
+    assert float(want.abs().max()) > 0
+    assert float((local - want).abs().max()) > 100 * tol and float((one_unit - want).abs().max()) > 100 * tol
+
+    # the engine: FSDP2 forward/backward of this rank's batch, then verl's optimizer step
+    eng.optimizer.zero_grad(set_to_none=True)
+    loss_of(eng.module, ids_of(dist.get_rank())).backward()
+    got = v.grad.full_tensor()
+    assert float((got - want).abs().max()) < tol, ("tied gradient", got, want)
+    assert eng.optimizer.param_groups[0]["lr"] == lr
+    grad_norm = float(eng.optimizer_step())
+    assert abs(grad_norm - float(want.norm())) < tol, (grad_norm, float(want.norm()))
+    stepped = v.full_tensor()
+    assert float((stepped + lr * want).abs().max()) < lr * tol, ("one step of -lr x gradient", stepped, want)
+
+
 def main() -> None:
     rank = init()
     dirs = model_dirs()
@@ -152,6 +211,7 @@ def main() -> None:
         check(arch, method, dirs[arch])
         if rank == 0:
             print(f"ok {arch}/{method}", flush=True)
+    check_tied_gradient(dirs["tiny-qwen2"])
     done(f"VERL_ENGINE_OK {len(RUNS)}")
 
 
