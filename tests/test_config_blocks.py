@@ -133,3 +133,83 @@ def test_perl_methods_takes_method_at_loss_names(capsys):
     out = capsys.readouterr().out
     assert '"method": "lora"' in out and '"method": "dora"' in out
     assert main(["methods", "--methods", "lora@ppo"]) == 2
+
+
+# ---- checkpoints and run directories (issue 27) -----------------------------------------------------
+
+def fake_checkpoint(run, step: int, payload: bytes = b"x" * 1000) -> None:
+    """A checkpoint as verl lays it out (shards, then the marker), with PeRL's manifest."""
+    from perl.verl_glue.checkpoints import step_dir, write_manifest
+    from perl.verl_glue.run_dir import LATEST
+
+    actor = os.path.join(step_dir(str(run), step), "actor")
+    os.makedirs(os.path.join(actor, "perl_adapter"), exist_ok=True)
+    open(os.path.join(actor, "model_world_size_1_rank_0.pt"), "wb").write(payload)
+    open(os.path.join(actor, "perl_adapter", "adapter_config.json"), "w").write("{}")
+    (run / LATEST).write_text(str(step))
+    write_manifest(str(run), step)
+
+
+def test_a_truncated_shard_is_found_and_the_run_resumes_from_the_newest_intact_checkpoint(tmp_path):
+    from perl.verl_glue.checkpoints import resume_plan, verify
+    from perl.verl_glue.run_dir import latest_step
+
+    run = tmp_path / "run"
+    for step in (2, 4, 6):
+        fake_checkpoint(run, step)
+    assert verify(str(run), 6) == [] and resume_plan(str(run)).step == 6
+    shard = run / "global_step_6" / "actor" / "model_world_size_1_rank_0.pt"
+    shard.write_bytes(b"x" * 10)  # truncated after it was written
+    (run / "global_step_4" / "actor" / "perl_adapter" / "adapter_config.json").write_text('[]')  # edited, same size
+    assert verify(str(run), 6) == ["actor/model_world_size_1_rank_0.pt has 10 bytes, 1,000 when saved"]
+    assert "SHA-256 differs" in verify(str(run), 4)[0]
+    plan = resume_plan(str(run))
+    assert plan.step == 2 and latest_step(str(run)) == 2  # verl resumes from the marker
+    assert "checkpoint 6" in plan.messages[0] and "model_world_size_1_rank_0.pt has 10 bytes" in plan.messages[0]
+    aside = [p for p in os.listdir(run) if p.startswith("global_step_6.damaged-")]
+    assert len(aside) == 1 and not (run / "global_step_6").exists()  # moved, not deleted
+    # nothing intact left: refused, naming the damaged file
+    (run / "global_step_2" / "actor" / "model_world_size_1_rank_0.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match="checkpoint 2 .* is damaged: actor/model_world_size_1_rank_0.pt has 0 bytes"):
+        resume_plan(str(run))
+
+
+def test_a_save_cut_by_a_kill_or_a_full_disk_leaves_the_previous_checkpoint_resumable(tmp_path, monkeypatch):
+    from perl.verl_glue import checkpoints
+    from perl.verl_glue.run_dir import latest_step
+
+    run = tmp_path / "run"
+    fake_checkpoint(run, 2)
+    # killed while verl wrote the shards of step 4: a partial directory, no marker, no manifest
+    os.makedirs(run / "global_step_4" / "actor")
+    (run / "global_step_4" / "actor" / "model_world_size_1_rank_0.pt").write_bytes(b"x" * 3)
+    assert checkpoints.resume_plan(str(run)).step == 2
+    # the disk fills while PeRL writes step 4's manifest: the manifest's temp file is removed, the
+    # marker (verl's) still names the step before, which stays intact
+    real_dump = checkpoints.json.dump
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoints.json, "dump", full_disk)
+    with pytest.raises(OSError):
+        checkpoints.write_manifest(str(run), 4)
+    monkeypatch.setattr(checkpoints.json, "dump", real_dump)
+    assert not [p for p in os.listdir(run / "global_step_4") if p.startswith(".tmp")]
+    assert latest_step(str(run)) == 2 and checkpoints.resume_plan(str(run)).step == 2
+
+
+def test_a_copied_run_directory_resumes_and_other_settings_are_still_refused(tmp_path):
+    import shutil
+
+    from perl.verl_glue.run_dir import LATEST, claim
+
+    first = tmp_path / "a" / "run"
+    cfg = vc.resolved(vc.compose(TOY, [f"trainer.default_local_dir={first}"]))
+    claim(str(first), cfg)
+    (first / LATEST).write_text("2")
+    copy = tmp_path / "b" / "run"
+    shutil.copytree(first, copy)
+    claim(str(copy), vc.resolved(vc.compose(TOY, [f"trainer.default_local_dir={copy}"])))  # its data moved with it
+    with pytest.raises(ValueError, match="peft.name: lora -> dora"):
+        claim(str(copy), vc.resolved(vc.compose(TOY, [f"trainer.default_local_dir={copy}", "peft.name=dora"])))

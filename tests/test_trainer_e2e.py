@@ -206,6 +206,24 @@ def assert_dynamic_sampling_dropped_flat_groups(run_dir: str, group_size: int = 
         assert all(max(g) > min(g) for g in groups.values()), (step, groups)  # no all-equal group trained
 
 
+def assert_quiet_console(run_dir: str, log: str, steps: int) -> None:
+    """perl.console=quiet: the terminal holds the first screen, one line per step and the result;
+    verl's, Ray's and vLLM's output is in logs/train.log (the trainer's own progress lines, which Ray
+    forwards, included) and the full config in resolved_config.yaml."""
+    from omegaconf import OmegaConf
+
+    lines = log.splitlines()
+    assert sum(line.startswith("[perl] step ") for line in lines) == steps, log
+    assert len(lines) - steps <= 40, f"{len(lines)} lines on the terminal:\n{log}"
+    assert "actor_rollout_ref" not in log and "Continuous Token builder" not in log, log
+    train_log = open(os.path.join(run_dir, "logs", "train.log")).read()
+    assert f"[perl] step {steps}/" in train_log and "actor_rollout_ref" in train_log
+    # verl warns once per completion; PeRL's filter passes it once per process (a handful of processes)
+    assert train_log.count("No model-specific Continuous Token builder") <= 4
+    resolved = OmegaConf.load(os.path.join(run_dir, "resolved_config.yaml"))
+    assert resolved.trainer.default_local_dir == run_dir and resolved.perl.console == "quiet"
+
+
 def assert_checkpoint(run_dir: str, step: int, method: str) -> None:
     from perl.verl_glue.run_dir import STATE_FILE, actor_dir, adapter_dir, latest_step
 
@@ -240,6 +258,7 @@ def test_method_trains_inside_verls_trainer(tmp_path, toy_cache, method, extra):
     assert metrics(run)[0]["training/filter_groups/evicted_samples"] >= 1  # the unsolvable prompt's group ...
     assert not any(UNSOLVABLE["problem"] in p for p in trained_prompts(run, (1, 2, 3)))  # ... gone
     assert "[perl] step 3/3 | reward" in log
+    assert_quiet_console(run, log, steps=3)
 
 
 def test_full_fine_tuning_trains_every_weight(tmp_path, toy_cache):
@@ -288,6 +307,35 @@ def test_adalora_prunes_its_rank_budget_inside_the_trainer(tmp_path, toy_cache):
     assert config["rank_pattern"] and config["init_r"] == init_r and config["target_r"] == target_r
 
 
+def test_tinylora_trains_its_13_parameters_inside_verls_trainer(tmp_path, toy_cache):
+    """TinyLoRA (issue 29): one vector of 13 numbers, shared by every projection of every layer (at
+    the FSDP root unit, not in any layer's), trains inside verl's trainer; the merged weights vLLM
+    generated with are PeRL's export, and in them every targeted matrix moved and nothing else."""
+    from safetensors.torch import load_file
+
+    from perl.sync.export import export_adapter_merged
+    from perl.verl_glue.run_dir import adapter_dir
+
+    run = str(tmp_path / "tinylora")
+    rc, log = run_perl(run, "peft.name=tinylora", *E2E, cache=toy_cache)
+    assert_ok(rc, log)
+    assert [r["step"] for r in metrics(run)] == [1, 2, 3]
+    assert_checkpoint(run, 3, "tinylora")
+    assert_vllm_has_the_merged_weights(run, tmp_path)
+    adapter = load_file(os.path.join(adapter_dir(run, 3), "adapter_model.safetensors"))
+    (v,) = [t for k, t in adapter.items() if ".tinylora_v." in k]
+    assert v.shape == (13,) and torch.count_nonzero(v) == 13  # the whole trainable state, all of it trained
+    base_dir = base_model_dir(run)
+    base = load_file(os.path.join(base_dir, "model.safetensors"))
+    out = export_adapter_merged(base_dir, adapter_dir(run, 3), str(tmp_path / "tinylora-merged"), dtype="fp32",
+                                progress=False)[0]
+    trained = load_file(os.path.join(out, "model.safetensors"))
+    changed = {k for k in base if not torch.equal(base[k], trained[k])}
+    projections = {k for k in base if k.endswith(("_proj.weight",))}
+    assert changed == projections and len(projections) == 7 * json.load(
+        open(os.path.join(base_dir, "config.json")))["num_hidden_layers"]
+
+
 def test_bench_toy_trains_ia3_with_tspmo_through_verl_and_writes_table_3(tmp_path, toy_cache):
     """`perl bench toy` = one verl run per variant; here IA3 (a non-LoRA method: rescaling vectors,
     merged into k/v/down) with T-SPMO on PeRL's trainer, in one run to save CI time. A rerun reuses it."""
@@ -315,7 +363,8 @@ def test_bench_toy_trains_ia3_with_tspmo_through_verl_and_writes_table_3(tmp_pat
     summary = json.load(open(os.path.join(run, "summary.json")))
     assert summary["eval_problems"] == 16 and summary["steps"] == 3 and "eval_before" in summary
     for name in ("results.json", "heldout.samples.jsonl", "reward_curve.png", "final_model/config.json",
-                 "eval_before/results.json", "metrics.jsonl"):
+                 "eval_before/results.json", "metrics.jsonl", "logs/train.log", "logs/eval_after.log",
+                 "resolved_config.yaml"):
         assert os.path.exists(os.path.join(run, name)), name
     # a rerun finds the finished run and only rewrites the table: no trainer starts
     again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
@@ -354,13 +403,26 @@ def test_rerun_resumes_and_a_killed_run_resumes_from_its_last_checkpoint(tmp_pat
     assert "[perl] resuming at step 4/6" in log
     assert latest_step(run) == 4
 
+    # every checkpoint carries PeRL's manifest; checkpoint 4 is then damaged (its largest shard
+    # truncated, as a half-finished copy leaves it): the rerun resumes from 2, the newest intact one
+    from perl.verl_glue.checkpoints import MANIFEST, verify
+
+    assert all(os.path.exists(os.path.join(run, f"global_step_{s}", MANIFEST)) for s in (2, 4))
+    actor4 = os.path.join(run, "global_step_4", "actor")
+    shard = max((os.path.join(d, f) for d, _, fs in os.walk(actor4) for f in fs), key=os.path.getsize)
+    with open(shard, "r+b") as f:
+        f.truncate(os.path.getsize(shard) // 2)
+    assert verify(run, 4) and not verify(run, 2)
     rc, log = run_perl(run, "trainer.total_training_steps=6", *short, cache=toy_cache, log_name="c.log")
     assert_ok(rc, log)
-    assert "[perl] resuming at step 4/6" in log and "[perl] step 5/6" in log
+    assert f"{os.path.relpath(shard, os.path.dirname(actor4))} has" in log  # the damaged file, named
+    assert "resuming from checkpoint 2, the newest intact one" in log
+    assert "[perl] resuming at step 2/6" in log and "[perl] step 5/6" in log
     assert latest_step(run) == 6 and [r["step"] for r in metrics(run)] == [1, 2, 3, 4, 5, 6]
     assert_checkpoint(run, 6, "lora")
+    assert any(name.startswith("global_step_4.damaged-") for name in os.listdir(run))  # kept, not deleted
     summary = json.load(open(os.path.join(run, "summary.json")))
-    assert summary["steps"] == 6 and summary["resumed_from"] == 4
+    assert summary["steps"] == 6 and summary["resumed_from"] == 2
     for name in ("reward_curve.png", "tensorboard"):
         assert os.path.exists(os.path.join(run, name)), name
 

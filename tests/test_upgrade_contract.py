@@ -262,3 +262,22 @@ def test_vllm_cpu_attention_head_sizes_the_config_check_reads():
 
     assert 32 in CPUAttentionBackend.get_supported_head_sizes()
     assert 16 not in CPUAttentionBackend.get_supported_head_sizes()
+
+
+def test_the_per_request_warning_is_shown_once_per_process(caplog):
+    """verl's agent loop calls this once per completion; PeRL's filter (perl.verl_glue.log_once,
+    loaded with `import verl` through the verl.plugins entry point) lets its warning through once."""
+    import logging
+
+    from verl.utils.tokenizer import continuous_token_wiring as wiring
+
+    from perl.verl_glue.log_once import REPEATED_PER_REQUEST, OncePerMessage
+
+    assert wiring.logger.name in REPEATED_PER_REQUEST
+    assert any(isinstance(f, OncePerMessage) for f in wiring.logger.filters)  # installed by `import verl`
+    with caplog.at_level(logging.WARNING, logger=wiring.logger.name):
+        for _ in range(5):
+            wiring.infer_continuous_token_model_family(hf_model_type="perl_no_such_model")
+        wiring.infer_continuous_token_model_family(hf_model_type="perl_other_model")
+    warnings = [r.getMessage() for r in caplog.records if "Continuous Token builder" in r.getMessage()]
+    assert len(warnings) == 2 and "perl_no_such_model" in warnings[0] and "perl_other_model" in warnings[1]

@@ -4,8 +4,11 @@
                 importing it registers it in verl's `EngineRegistry` (verl's workers import it
                 through `actor_rollout_ref.model.external_lib=perl.verl_glue.engine`), registers a
                 CPU platform for tests (`VERL_PLATFORM=cpu`) and PeRL's policy losses if present;
-- `config.py`   verl's hydra `ppo_trainer` + the `peft:` block + the paper's DAPO defaults
-                (`config/perl_dapo.yaml`), and every check that can run before Ray starts;
+- `config/`    verl's hydra `ppo_trainer` + the `peft:` / `perl:` blocks + the paper's DAPO defaults
+                (`config/perl_dapo.yaml`), and every check that can run before Ray starts, one
+                module per concern (config/__init__.py lists them);
+- `console.py`  the terminal of a run: a first screen and a line per step; libraries log to `logs/`;
+- `log_once.py` a verl warning repeated per request, shown once (a `verl.plugins` entry point);
 - `sampler.py`  DAPO dynamic sampling with a cap (a custom sampler of verl's V1 trainer);
 - `trainer.py`  `PerlSyncTrainer`, verl's sync V1 trainer whose advantage step also reads the
                 response ids (T-SPMO), and `PerlTaskRunner`, which registers it in Ray;

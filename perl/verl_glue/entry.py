@@ -123,6 +123,7 @@ def run(cfg, console=None) -> dict[str, Any]:
     from perl.io import atomic_file
     from perl.verl_glue import heldout as ho
     from perl.verl_glue.config import resolved, run_dir
+    from perl.verl_glue.checkpoints import resume_plan
     from perl.verl_glue.console import Console
     from perl.methods.base import METADATA_FILE
     from perl.verl_glue.run_dir import (METRICS_FILE, RESOLVED_CONFIG, SUMMARY, adapter_dir, claim, latest_step,
@@ -143,7 +144,10 @@ def run(cfg, console=None) -> dict[str, Any]:
         with console.phase("eval_before"):
             before = ho.evaluate_before(full, out)
         console.say(f"[perl] held-out Avg@{int(full.perl.heldout.k)} before training: {before['overall_avg']:.3f}")
-    start_step = latest_step(out)
+    plan = resume_plan(out)  # the checkpoint verl resumes from, verified; a damaged one is skipped
+    for message in plan.messages:
+        console.say(message)
+    start_step = plan.step
     total = int(full.trainer.total_training_steps)
     if start_step:
         console.say(resuming_line(start_step, total, out))
@@ -211,6 +215,7 @@ def first_screen(full, summary: dict[str, Any]) -> str:
              f"loss {full.perl.loss_mode}"]
     if heldout is not None and heldout.data is not None:
         lines.append(f"held-out:   {heldout.data} (Avg@{int(heldout.k)} before and after)")
+    lines += [f"data note:  {note}" for note in summary.get("data_notes", [])]
     lines += [format_arithmetic(full.perl.derived),
               f"run dir:    {out}",
               f"            resolved config: {os.path.join(out, RESOLVED_CONFIG)}; verl/Ray/vLLM logs: "

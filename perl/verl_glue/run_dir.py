@@ -206,7 +206,24 @@ def run_identity(cfg) -> dict[str, Any]:
         value = OmegaConf.select(cfg, key, default=None)
         out[key] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
     out.update(toy_identity(cfg))  # the toy's own list: what of its block changes the data
-    return json.loads(json.dumps(out, default=str))
+    return json.loads(json.dumps(inside_relative(out, str(OmegaConf.select(cfg, "trainer.default_local_dir"))),
+                                 default=str))
+
+
+IN_RUN_DIR = "<run dir>"
+
+
+def inside_relative(value: Any, run_dir: str) -> Any:
+    """Paths inside the run directory as `<run dir>/...` (the toy's data lives there): a copied or
+    moved run keeps its identity; a path outside it stays as it is."""
+    root = os.path.abspath(os.path.expanduser(run_dir)) + os.sep
+    if isinstance(value, dict):
+        return {k: inside_relative(v, run_dir) for k, v in value.items()}
+    if isinstance(value, list):
+        return [inside_relative(v, run_dir) for v in value]
+    if isinstance(value, str) and os.path.isabs(value) and value.startswith(root):
+        return os.path.join(IN_RUN_DIR, value[len(root):])
+    return value
 
 
 def identity_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:

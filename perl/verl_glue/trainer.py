@@ -1,11 +1,12 @@
 """PeRL's V1 trainer and task runner: verl's sync trainer, plus PeRL's run log and T-SPMO's advantage step.
 
 Every PeRL run on verl's sync V1 trainer uses `PerlSyncTrainer` (perl.verl_glue.config derives
-`trainer.v1.trainer_mode=perl_sync` from verl's `sync`). It changes two things and nothing else:
+`trainer.v1.trainer_mode=perl_sync` from verl's `sync`). It changes three things and nothing else:
 
 - the run log (perl.verl_glue.run_dir): after verl has computed a step's metrics, one line of
   `metrics.jsonl` and one progress line; tensorboard events go to `<run dir>/tensorboard` unless
   TENSORBOARD_DIR says otherwise;
+- a manifest after each checkpoint (perl.verl_glue.checkpoints), verified before a resume;
 - the advantage step for adv_estimator=tspmo (below).
 
 T-SPMO (perl.algos.token_efficient) credits each (prefix, next token) pair of a group, so its
@@ -68,6 +69,15 @@ class PerlSyncTrainer(PPOTrainerSync):
                               batch_groups=int(self.config.data.train_batch_size),
                               dynamic_sampling=bool(self.config.algorithm.filter_groups.enable))
         return super().fit(agent_loop_manager)
+
+    def _save_checkpoint(self):
+        """verl's save, then PeRL's manifest of it (perl.verl_glue.checkpoints), which the entry point
+        verifies before a resume. With async_save verl finishes later: no manifest (unverifiable)."""
+        super()._save_checkpoint()
+        if not self.config.actor_rollout_ref.actor.get("checkpoint", {}).get("async_save", False):
+            from perl.verl_glue.checkpoints import write_manifest
+
+            write_manifest(os.path.abspath(str(self.config.trainer.default_local_dir)), self.global_steps)
 
     def _compute_metrics(self, batch, metrics, timing_raw, global_steps, epoch):
         super()._compute_metrics(batch, metrics, timing_raw, global_steps, epoch)
