@@ -35,6 +35,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))  # the engine harness (test scaffolding)
 from _docs import write_section  # noqa: E402
 
 VARIANTS = ("token", "sgrpo_mask", "sgrpo")
@@ -93,7 +94,7 @@ def run_variant(args) -> dict:
 
     os.environ.setdefault("VERL_PLATFORM", "cpu")
     import perl.verl_glue.engine  # noqa: F401  (the CPU platform and PeRL's engine)
-    from perl.verl_glue.standalone_actor import (batch_meta, build_actor_engine, cfg_for, response_log_probs, sequence_rows,
+    from support.engine_harness import (batch_meta, build_actor_engine, cfg_for, response_log_probs, sequence_rows,
                                       to_tensordict)
     from perl.verl_glue.token_subset import SELECTED
 

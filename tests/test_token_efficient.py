@@ -189,7 +189,7 @@ def _minibatch(seed=0, n=4, vocab=256):
     """A mini-batch in the layout verl's trainer hands the engine (jagged per-sequence tensors)."""
     from verl.utils import tensordict_utils as tu
 
-    from perl.verl_glue.standalone_actor import sequence_rows
+    from support.engine_harness import sequence_rows
 
     g = torch.Generator().manual_seed(seed)
     prompts, responses, old_log_probs = [], [], []

@@ -419,6 +419,10 @@ def test_rerun_resumes_and_a_killed_run_resumes_from_its_last_checkpoint(tmp_pat
     assert "resuming from checkpoint 2, the newest intact one" in log
     assert "[perl] resuming at step 2/6" in log and "[perl] step 5/6" in log
     assert latest_step(run) == 6 and [r["step"] for r in metrics(run)] == [1, 2, 3, 4, 5, 6]
+    from perl.verl_glue.run_dir import progress_line
+
+    for row in metrics(run)[2:]:  # the console showed this run's steps 3-6, not the lines they replaced
+        assert progress_line(row, 6, 4, True) in log, (row, log)
     assert_checkpoint(run, 6, "lora")
     assert any(name.startswith("global_step_4.damaged-") for name in os.listdir(run))  # kept, not deleted
     summary = json.load(open(os.path.join(run, "summary.json")))

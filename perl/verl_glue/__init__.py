@@ -14,11 +14,11 @@
                 response ids (T-SPMO), and `PerlTaskRunner`, which registers it in Ray;
 - `entry.py`    `python -m perl.verl_glue --config X [--dry-run] key=value ...` / `perl train`;
 - `run_dir.py`  the run directory: verl's checkpoints, `perl_adapter/`, metrics, summary, resume identity;
+- `checkpoints.py`  a manifest after each save, verified before a resume (a damaged checkpoint is skipped);
 - `heldout.py`  held-out Avg@k before and after a run (vLLM or HF backend);
 - `cpu_platform.py`, `vllm_cpu_plugin.py`  the CPU platform (verl plugin) and vLLM CPU weight loading;
 - `token_subset.py`  S-GRPO's shortened forward inside the engine;
-- `standalone_actor.py`  builds and drives the actor engine like verl's worker does, without Ray or
-                vLLM (the engine tests, the S-GRPO memory bench, a GPU smoke check).
+- the engine harness of the tests and benches (no Ray, no vLLM) is test scaffolding: tests/support/.
 
 Importing this package itself is light (no verl engine imports).
 """

@@ -80,14 +80,18 @@ def format_summary(summary: dict[str, Any]) -> str:
 def prepare(argv: list[str] | argparse.Namespace):
     """Parse, compose, build the toy's inputs (not for a dry run) and check; returns (args, config,
     adapter summary). Raises ConfigError."""
-    from perl.verl_glue.config import check, compose, materialize_toy, run_dir
+    from omegaconf import open_dict
+
+    from perl.verl_glue.config import check, compose, materialize_toy, run_arithmetic, run_dir
 
     args = argv if isinstance(argv, argparse.Namespace) else build_parser().parse_args(argv)
     with contextlib.redirect_stdout(sys.stderr):  # verl prints progress; stdout carries the config only
         cfg = compose(args.config, args.overrides)
         toy = cfg.perl.get("toy") is not None
-        if not args.dry_run:
+        if not args.dry_run and cfg.perl.get("toy") is not None:
             materialize_toy(cfg, run_dir(cfg))
+            with open_dict(cfg):  # the toy's data files exist now: the arithmetic counts their rows
+                cfg.perl.derived = run_arithmetic(cfg)
         summary = check(cfg, paths=not (args.dry_run and (args.no_path_checks or toy)), require_vllm=not args.dry_run)
     return args, cfg, summary
 
@@ -126,8 +130,9 @@ def run(cfg, console=None) -> dict[str, Any]:
     from perl.verl_glue.checkpoints import resume_plan
     from perl.verl_glue.console import Console
     from perl.methods.base import METADATA_FILE
-    from perl.verl_glue.run_dir import (METRICS_FILE, RESOLVED_CONFIG, SUMMARY, adapter_dir, claim, latest_step,
-                                        plot_reward_curve, progress_line, resuming_line)
+    from perl.verl_glue.run_dir import (METRICS_FILE, RESOLVED_CONFIG, SUMMARY, adapter_dir, claim,
+                                        keep_metrics_up_to, latest_step, plot_reward_curve, progress_line,
+                                        resuming_line)
 
     started = time.perf_counter()
     full = resolved(cfg)
@@ -151,6 +156,7 @@ def run(cfg, console=None) -> dict[str, Any]:
     total = int(full.trainer.total_training_steps)
     if start_step:
         console.say(resuming_line(start_step, total, out))
+    keep_metrics_up_to(out, start_step)  # as the trainer will: the console follows this run's steps only
     with console.phase("train") as log:
         console.say(f"[perl] verl's trainer: starting Ray, the workers and vLLM (log: {log})")
         line = lambda row: progress_line(row, total, int(full.data.train_batch_size),  # noqa: E731

@@ -73,6 +73,18 @@ def read_metrics(run_dir: str) -> list[dict[str, float]]:
     return rows
 
 
+def keep_metrics_up_to(run_dir: str, step: int) -> str:
+    """Drop the metrics.jsonl lines of steps after `step` (a resumed run trains them again), atomically."""
+    os.makedirs(run_dir, exist_ok=True)
+    path = os.path.join(run_dir, METRICS_FILE)
+    kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= step]
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in kept)
+    os.replace(tmp, path)
+    return path
+
+
 class RunLog:
     """Appends one `metrics.jsonl` line and prints one progress line per trainer step."""
 
@@ -82,13 +94,7 @@ class RunLog:
         self.total_steps = int(total_steps)
         self.batch_groups = int(batch_groups)
         self.dynamic_sampling = dynamic_sampling
-        os.makedirs(run_dir, exist_ok=True)
-        self.path = os.path.join(run_dir, METRICS_FILE)
-        kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= resumed_from]
-        tmp = f"{self.path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in kept)
-        os.replace(tmp, self.path)
+        self.path = keep_metrics_up_to(run_dir, resumed_from)
         if resumed_from > 0:
             print(resuming_line(resumed_from, self.total_steps, run_dir), flush=True)
 

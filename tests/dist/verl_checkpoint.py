@@ -14,6 +14,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: support.*
 from verl_common import VOCAB, base_model, done, full_state, init  # noqa: E402
 
 import torch  # noqa: E402
@@ -21,7 +22,7 @@ import torch  # noqa: E402
 from perl.methods import load_adapted  # noqa: E402
 from perl.sync import merged_state_dict  # noqa: E402
 from perl.verl_glue.engine import ADAPTER_DIR, STATE_FILE  # noqa: E402
-from perl.verl_glue.standalone_actor import build_actor_engine, cfg_for, synthetic_batch, train_step  # noqa: E402
+from support.engine_harness import build_actor_engine, cfg_for, synthetic_batch, train_step  # noqa: E402
 
 METHODS = ("lora", "adalora", "pissa", "vera", "ln_tuning", "full", "tinylora")  # tinylora: a vector at the root unit
 EXTRA = {"adalora": ["peft.options.tinit=0", "peft.options.tfinal=2"]}

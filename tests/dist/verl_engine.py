@@ -17,6 +17,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: support.*
 from verl_common import (  # noqa: E402
     VOCAB, base_log_probs, base_model, done, full_state, init, max_diff, model_dirs, unsharded_policy,
 )
@@ -27,7 +28,7 @@ from perl.methods import METHODS, adapt, get_method  # noqa: E402
 from perl.sync import base_weights, merged_state_dict  # noqa: E402
 from perl.sync.lora import lora_adapter  # noqa: E402
 from perl.verl_glue.engine import PerlFSDPEngine  # noqa: E402
-from perl.verl_glue.standalone_actor import build_actor_engine, cfg_for, response_log_probs, synthetic_batch, train_step  # noqa: E402
+from support.engine_harness import build_actor_engine, cfg_for, response_log_probs, synthetic_batch, train_step  # noqa: E402
 
 RUNS = [("tiny-qwen2", m) for m in METHODS] + [("tiny-llama", "lora")]  # llama: tied embeddings, no meta init
 EXTRA = {"adalora": ["peft.options.tinit=0", "peft.options.tfinal=2"]}  # prune at the first step
@@ -115,7 +116,7 @@ def check_sgrpo(path: str) -> None:
     """S-GRPO's shortened forward (perl.verl_glue.token_subset) inside verl's update is exact: one
     step with the sequences cut after T_i and the LM head only at T_i gives the same weights as one
     step of the plain token loss on the full sequences with the loss masked to the same T_i."""
-    from perl.verl_glue.standalone_actor import batch_meta, to_tensordict
+    from support.engine_harness import batch_meta, to_tensordict
     from perl.verl_glue.token_subset import SELECTED
 
     # no LoRA dropout: its masks are drawn per forward, and the two forwards have different shapes.

@@ -6,8 +6,11 @@ and `--dry-run` with `require_vllm=False`); a new check belongs here, called fro
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import os
+import warnings
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, open_dict
@@ -241,9 +244,11 @@ def verl_validate(cfg: DictConfig) -> bool:
         with open_dict(lora):
             lora.merge = True  # exactly the condition validate_config uses to skip get_vllm_max_lora_rank
         skipped = True
-    try:
-        validate_config(config=to_check, use_reference_policy=need_reference_policy(to_check),
-                        use_critic=need_critic(to_check))
+    try:  # verl prints that its checks passed and warns that GRPO has no critic: said, not news
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Disabled critic")
+            validate_config(config=to_check, use_reference_policy=need_reference_policy(to_check),
+                            use_critic=need_critic(to_check))
     except (AssertionError, ValueError, TypeError) as e:
         raise ConfigError(f"verl validate_config: {e}") from None
     return skipped

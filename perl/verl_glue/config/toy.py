@@ -68,4 +68,4 @@ def model_label(cfg: DictConfig) -> str | None:
     if not enabled(cfg):
         return None
     task = toy_task(cfg)
-    return "the toy's pretrained model" if task.pretrained else "the toy's cold start (tiny Llama, cached)"
+    return "the toy's pretrained model" if task.pretrained else "the toy's cold start: a tiny Llama, cached"

@@ -1,11 +1,12 @@
-"""Build and drive the actor engine the way verl's `ActorRolloutRefWorker` does, without Ray or vLLM.
+"""Test scaffolding: build and drive the actor engine the way verl's `ActorRolloutRefWorker` does,
+without Ray or vLLM.
 
-Used by the engine tests (CPU, gloo, `VERL_PLATFORM=cpu`), `bench/token_efficient_memory.py` and as a
-GPU smoke check, so it lives in the package rather than in tests/: from a composed PeRL
-config it builds the worker's dataclass configs (`omega_conf_to_dataclass`, as `init_model` does),
-asks verl's `EngineRegistry` for the engine (PeRL's, through its registration), initialises it, and
-runs verl's own DAPO loss (`verl.workers.utils.losses.ppo_loss`) on a synthetic batch in the
-nested-tensor layout verl's agent loop produces.
+Not part of PeRL's product: the engine tests (CPU, gloo, `VERL_PLATFORM=cpu`), the S-GRPO memory
+bench (`bench/token_efficient_memory.py`) and a GPU smoke script import it from here. From a
+composed PeRL config it builds the worker's dataclass configs (`omega_conf_to_dataclass`, as
+`init_model` does), asks verl's `EngineRegistry` for the engine (PeRL's, through its
+registration), initialises it, and runs verl's own DAPO loss (`verl.workers.utils.losses.ppo_loss`)
+on a synthetic batch in the nested-tensor layout verl's agent loop produces.
 """
 
 from __future__ import annotations
@@ -19,18 +20,15 @@ from omegaconf import DictConfig, OmegaConf
 
 def cpu_overrides(model_path: str, *, method: str, rank: int = 4, alpha: float = 8.0, total_steps: int = 10,
                   lr: float = 1e-2, micro: int = 2, n: int = 2, prompts: int = 2) -> list[str]:
-    """Overrides that make a composed config run on CPU with a tiny model (fp32, eager attention, padded path)."""
+    """Overrides that make a composed config run on CPU with a tiny model: the CPU profile of a real
+    CPU run (trainer.device=cpu: fp32, no torch.compile, the padded path; perl/verl_glue/config/cpu.yaml),
+    with eager attention (the tests compare against HF's eager forward) and no gradient checkpointing."""
     return [
         f"peft.name={method}", f"peft.rank={rank}", f"peft.alpha={alpha}",
         f"actor_rollout_ref.model.path={model_path}",
-        "actor_rollout_ref.model.use_remove_padding=false",
+        "trainer.device=cpu",
         "actor_rollout_ref.model.enable_gradient_checkpointing=false",
         "+actor_rollout_ref.model.override_config.attn_implementation=eager",
-        "+actor_rollout_ref.actor.fsdp_config.mixed_precision.param_dtype=fp32",
-        "+actor_rollout_ref.actor.fsdp_config.mixed_precision.reduce_dtype=fp32",
-        "+actor_rollout_ref.actor.fsdp_config.mixed_precision.buffer_dtype=fp32",
-        "actor_rollout_ref.actor.fsdp_config.use_torch_compile=false",
-        "actor_rollout_ref.actor.use_torch_compile=false",
         f"actor_rollout_ref.actor.optim.lr={lr}",
         f"actor_rollout_ref.actor.ppo_mini_batch_size={prompts}",
         f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={micro}",
