@@ -1,4 +1,4 @@
-"""All 13 methods on the CPU toy task with one budget (`perl bench toy`), written into docs.
+"""All 14 methods on the CPU toy task with one budget (`perl bench toy`), written into docs.
 
 Usage: python bench/toy_methods.py [--out runs/bench-toy] [--methods ...] [key=value ...]
 Finished runs in --out are reused, so an interrupted benchmark resumes with the next method.
