@@ -71,3 +71,4 @@ def test_checkpoint_save_resume_is_exact_and_exports_peft_adapters(dist_run):
     """tests/dist/verl_checkpoint.py: exact resume and peft-format adapter export."""
     out = _report(dist_run, "VERL_CHECKPOINT_OK 7")
     assert dist_run[0] == 0 and out.count("ok checkpoint ") == 7
+    assert "ok node-local checkpoint adalora" in out  # perl_state.pt read by rank 0 and broadcast

@@ -546,15 +546,27 @@ class PerlFSDPEngine(FSDPEngineWithLMHead):
             state[self.policy.name] = extra  # e.g. AdaLoRA's allocator, under the method's name
         return state
 
+    def _read_perl_state(self, local_path: str) -> dict[str, Any]:
+        """`perl_state.pt`, which rank 0 wrote: rank 0 reads it and broadcasts it, so ranks on other
+        nodes need no shared filesystem (verl's own shards are per rank). A missing file fails on
+        every rank with the same error."""
+        path = os.path.join(local_path, STATE_FILE)
+        box: list[Any] = [None]
+        if self.rank == 0:
+            box[0] = (torch.load(path, weights_only=False) if os.path.exists(path) else
+                      f"{local_path} has no {STATE_FILE}: not a checkpoint of PeRL's verl engine")
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast_object_list(box, src=0)
+        if isinstance(box[0], str):
+            raise FileNotFoundError(box[0])
+        return box[0]
+
     def load_checkpoint(self, local_path: str, hdfs_path: Optional[str] = None, del_local_after_load: int = True,
                         **kwargs) -> None:
         super().load_checkpoint(local_path, hdfs_path=hdfs_path, del_local_after_load=del_local_after_load, **kwargs)
         if self.policy is None or local_path is None:
             return
-        path = os.path.join(local_path, STATE_FILE)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{local_path} has no {STATE_FILE}: not a checkpoint of PeRL's verl engine")
-        state = torch.load(path, weights_only=False)
+        state = self._read_perl_state(local_path)
         if state["method"] != self.policy.name:
             raise ValueError(f"checkpoint {local_path} was trained with peft.name={state['method']}, "
                              f"this run has peft.name={self.policy.name}")

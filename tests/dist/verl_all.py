@@ -29,6 +29,10 @@ def main() -> None:
         verl_checkpoint.check(method, dirs["tiny-qwen2"], root)
         if rank == 0:
             print(f"ok checkpoint {method}", flush=True)
+    for method in verl_checkpoint.NODE_LOCAL:  # per-rank directories: no shared filesystem
+        verl_checkpoint.check(method, dirs["tiny-qwen2"], root, node_local=True)
+        if rank == 0:
+            print(f"ok node-local checkpoint {method}", flush=True)
     done(f"VERL_CHECKPOINT_OK {len(verl_checkpoint.METHODS)}")
 
 

@@ -25,6 +25,7 @@ from perl.verl_glue.engine import ADAPTER_DIR, STATE_FILE  # noqa: E402
 from support.engine_harness import build_actor_engine, cfg_for, synthetic_batch, train_step  # noqa: E402
 
 METHODS = ("lora", "adalora", "pissa", "vera", "ln_tuning", "full", "tinylora")  # tinylora: a vector at the root unit
+NODE_LOCAL = ("adalora",)  # also resumed from per-rank directories (its allocator state is in perl_state.pt)
 EXTRA = {"adalora": ["peft.options.tinit=0", "peft.options.tfinal=2"]}
 
 
@@ -42,9 +43,12 @@ def same(a: dict, b: dict) -> bool:
         torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k] for k in a)
 
 
-def check(method: str, path: str, root: str) -> None:
+def check(method: str, path: str, root: str, node_local: bool = False) -> None:
+    """`node_local`: every rank saves to and resumes from its own directory, as nodes without a
+    shared filesystem do (only rank 0's holds what rank 0 writes: perl_state.pt, perl_adapter/)."""
     cfg = cfg_for(path, method, EXTRA.get(method))
-    ckpt = os.path.join(root, method, "global_step_1")
+    rank = torch.distributed.get_rank()
+    ckpt = os.path.join(root, f"node{rank}" if node_local else "shared", method, "global_step_1")
     eng, loss_fn = build_actor_engine(cfg)
     train_step(eng, loss_fn, cfg, synthetic_batch(4, vocab=VOCAB, seed=3))
     eng.save_checkpoint(ckpt, global_step=1)
@@ -73,6 +77,9 @@ def check(method: str, path: str, root: str) -> None:
     diff = [k for k in after_a if not torch.equal(after_a[k], after_b[k])]
     assert not diff, (method, "second step after resume differs", diff[:3])
 
+    if node_local and rank > 0:
+        assert not os.path.exists(os.path.join(ckpt, STATE_FILE)), "a node-local directory of rank > 0"
+        return
     assert os.path.exists(os.path.join(ckpt, STATE_FILE)), method
     exported = load_adapted(base_model(path), os.path.join(ckpt, ADAPTER_DIR))
     got = merged_state_dict(exported)
@@ -91,6 +98,8 @@ def main() -> None:
         check(method, path, root)
         if rank == 0:
             print(f"ok {method}", flush=True)
+    for method in NODE_LOCAL:
+        check(method, path, root, node_local=True)
     done("VERL_CHECKPOINT_OK")
 
 

@@ -38,7 +38,8 @@ def check(arch: str, method: str, path: str) -> None:
     from torch.distributed.fsdp import FSDPModule
 
     where = f"{arch}/{method}"
-    cfg = cfg_for(path, method, EXTRA.get(method))
+    # the sync in bf16, what a GPU rollout holds (a CPU run's rollout is fp32)
+    cfg = cfg_for(path, method, [*EXTRA.get(method, []), "peft.sync_dtype=bfloat16"])
     eng, loss_fn = build_actor_engine(cfg)
     assert type(eng) is PerlFSDPEngine and isinstance(eng.module, FSDPModule), where
     assert eng.policy.name == method and eng.policy.model is eng.module, where
