@@ -64,3 +64,14 @@ def cache_root() -> str:
     """Where PeRL caches what it builds once (the toy cold start, converted GGUF models, held-out
     evaluations of a base model): $PERL_CACHE, else ~/.cache/perl."""
     return os.environ.get("PERL_CACHE", os.path.expanduser("~/.cache/perl"))
+
+
+def file_sha256(path: str) -> str:
+    """SHA-256 of a file, read in 1 MiB chunks (checkpoint manifests, the held-out cache key)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -19,12 +19,12 @@ damaged file. Written by hand: verl 0.9.1 has no checkpoint verification.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
 from dataclasses import dataclass, field
 
+from perl.io import file_sha256
 from perl.verl_glue.run_dir import LATEST, latest_step
 
 MANIFEST = "perl_manifest.json"
@@ -34,14 +34,6 @@ STEP_PREFIX = "global_step_"
 
 def step_dir(run_dir: str, step: int) -> str:
     return os.path.join(run_dir, f"{STEP_PREFIX}{step}")
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _files(root: str) -> list[str]:
@@ -63,7 +55,7 @@ def write_manifest(run_dir: str, step: int) -> str:
     for rel in _files(root):
         path = os.path.join(root, rel)
         size = os.path.getsize(path)
-        entries[rel] = {"size": size, **({"sha256": _sha256(path)} if size <= HASHED_UP_TO else {})}
+        entries[rel] = {"size": size, **({"sha256": file_sha256(path)} if size <= HASHED_UP_TO else {})}
     path = os.path.join(root, MANIFEST)
     with atomic_file(path) as tmp, open(tmp, "w") as f:
         json.dump({"step": step, "files": entries}, f, indent=1)
@@ -92,7 +84,7 @@ def verify(run_dir: str, step: int) -> list[str]:
         size = os.path.getsize(file)
         if size != want["size"]:
             problems.append(f"{rel} has {size:,} bytes, {want['size']:,} when saved")
-        elif "sha256" in want and _sha256(file) != want["sha256"]:
+        elif "sha256" in want and file_sha256(file) != want["sha256"]:
             problems.append(f"{rel} changed since it was saved (SHA-256 differs)")
     return problems
 

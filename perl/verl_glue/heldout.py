@@ -90,21 +90,13 @@ def _model_identity(model_dir: str) -> list:
     return [os.path.realpath(model_dir), out]
 
 
-def _file_sha(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def before_cache_dir(cfg: DictConfig, model_dir: str) -> str:
     from dataclasses import asdict
 
-    from perl.io import cache_root
+    from perl.io import cache_root, file_sha256
 
     settings = eval_settings(cfg)
-    key = json.dumps({"model": _model_identity(model_dir), "data": _file_sha(str(cfg.perl.heldout.data)),
+    key = json.dumps({"model": _model_identity(model_dir), "data": file_sha256(str(cfg.perl.heldout.data)),
                       "eval": {**asdict(settings), "sampling": asdict(settings.sampling)}, "reward": reward_kwargs(cfg),
                       "device": str(cfg.trainer.device)}, sort_keys=True)
     return os.path.join(cache_root(), HELDOUT, hashlib.sha256(key.encode()).hexdigest()[:16])

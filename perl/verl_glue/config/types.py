@@ -54,25 +54,17 @@ def check_types(cfg: DictConfig) -> None:
         values = OmegaConf.to_container(cfg, resolve=True)
     except Exception as e:  # an interpolation that does not resolve
         raise ConfigError(f"config: {e}") from None
+    tree = OmegaConf.create(values)
     defaults = OmegaConf.to_container(verl_defaults(), resolve=False)
     for key, default in _leaves(defaults):
         kind = _kind(default)
         if kind is None:
             continue
-        value = _get(values, key)
+        value = OmegaConf.select(tree, key, default=None)
         if value is None or _kind(value) == kind:
             continue
         raise ConfigError(f"{key}={value!r}: verl expects a {kind} here (its default is {default!r})")
     for key, minimum in MINIMUM.items():
-        value = _get(values, key)
+        value = OmegaConf.select(tree, key, default=None)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value < minimum:
             raise ConfigError(f"{key}={value}: must be >= {minimum:g}")
-
-
-def _get(tree: dict, key: str) -> Any:
-    node: Any = tree
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
