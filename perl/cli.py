@@ -252,11 +252,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if not os.path.exists(args.config):
         print(f"error: --config: {args.config} does not exist", file=sys.stderr)
         return 2
-    report = bench_toy(args.config, args.methods or list(METHODS), args.out, args.overrides)
+    report = bench_toy(args.config, args.methods or list(METHODS), args.out, args.overrides, seeds=args.seeds,
+                       lr_grid=args.lr_grid)
     print(open(report["tables"]["markdown"]).read())
-    for row in report["runs"]:
-        print(f"{row['method']:>10}: {row['before']:.3f} -> {row['after']:.3f} ({row['gain']:+.3f}), "
-              f"{row['trainable_percent']:.3g}% trainable, lr {row['lr']:g}")
+    print(f"machine time of the study's cells: {report['machine_s'] / 3600:.2f} h")
     print("wrote " + ", ".join(report["tables"].values()))
     return 0
 
@@ -349,10 +348,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(p)  # the same options as `python -m perl.verl_glue`
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("bench", help="benchmarks; `perl bench toy`: all 13 methods on the toy task, Table 3 + Figure 1")
+    p = sub.add_parser("bench", help="benchmarks; `perl bench toy`: a study of every method on the toy task over "
+                                     "seeds and learning rates, Table 3 + lr sensitivity + Figure 1")
     p.add_argument("suite", choices=("toy",))
     p.add_argument("--config", default="examples/toy.yaml")
-    p.add_argument("--methods", nargs="+", default=None, help="METHOD or METHOD@LOSS, e.g. lora@sgrpo (default: all 13 methods)")
+    p.add_argument("--methods", nargs="+", default=None,
+                   help="METHOD or METHOD@LOSS, e.g. lora@sgrpo (default: every method of the registry)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0],
+                   help="seeds of every cell: data order, vLLM sampling, adapter init (default: 0)")
+    p.add_argument("--lr-grid", nargs="+", type=float, default=[1.0],
+                   help="multiples of each method's default lr, e.g. 0.25 1 4 (default: 1)")
     p.add_argument("--out", default="runs/bench-toy")
     p.add_argument("overrides", nargs="*", help="key=value overrides applied to every method's run")
     p.set_defaults(func=_cmd_bench)

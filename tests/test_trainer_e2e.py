@@ -336,29 +336,64 @@ def test_tinylora_trains_its_13_parameters_inside_verls_trainer(tmp_path, toy_ca
         open(os.path.join(base_dir, "config.json")))["num_hidden_layers"]
 
 
-def test_bench_toy_trains_ia3_with_tspmo_through_verl_and_writes_table_3(tmp_path, toy_cache):
-    """`perl bench toy` = one verl run per variant; here IA3 (a non-LoRA method: rescaling vectors,
-    merged into k/v/down) with T-SPMO on PeRL's trainer, in one run to save CI time. A rerun reuses it."""
+def run_bench(cmd: list[str], env: dict, log_path: str, kill_on: str | None = None, timeout: int = 1200) -> tuple[int, str]:
+    """`perl bench toy` as a user runs it; SIGKILL its whole process group once `kill_on` is printed."""
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        try:
+            while proc.poll() is None:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{' '.join(cmd)} still running after {timeout} s")
+                if kill_on and kill_on in open(log_path).read():
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                    break
+                time.sleep(0.5)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            _reap_session(proc.pid)
+    return proc.returncode, open(log_path).read()
+
+
+def test_bench_toy_study_trains_ia3_with_tspmo_resumes_after_a_stop_and_writes_its_tables(tmp_path, toy_cache):
+    """`perl bench toy` = one verl run per cell; here IA3 (a non-LoRA method: rescaling vectors, merged
+    into k/v/down) with T-SPMO on PeRL's trainer, two seeds. The study is killed as its second cell
+    starts; the rerun reuses the first cell and trains the second; a third run trains nothing."""
     out = tmp_path / "bench"
     overrides = [o for o in E2E if o != "perl.heldout=null"] + ["perl.toy.heldout_size=16", "perl.heldout.k=1"]
     cmd = [sys.executable, "-m", "perl.cli", "bench", "toy", "--config", TOY, "--methods", "ia3@tspmo",
-           "--out", str(out), *overrides]
+           "--seeds", "0", "1", "--out", str(out), *overrides]
     env = dict(os.environ, PERL_CACHE=toy_cache, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, cwd=ROOT)
-    log = proc.stdout + proc.stderr
-    assert_ok(proc.returncode, log)
-    run = str(out / "ia3@tspmo")
-    assert_checkpoint(run, 3, "ia3")
+    rc, log = run_bench(cmd, env, str(tmp_path / "a.log"), kill_on="[perl bench] [2/2] ia3@tspmo/x1_seed1: training")
+    assert rc == -signal.SIGKILL and "[perl bench] [1/2] ia3@tspmo/x1_seed0: training" in log, log[-3000:]
+    first = out / "ia3@tspmo" / "x1_seed0"
+    assert json.load(open(first / "summary.json"))["steps"] == 3
+    rc, log = run_bench(cmd, env, str(tmp_path / "b.log"))
+    assert_ok(rc, log)
+    assert "[perl bench] [1/2] ia3@tspmo/x1_seed0: finished before, reused" in log  # not retrained
+    assert "[perl bench] [2/2] ia3@tspmo/x1_seed1: training" in log
+    for seed in (0, 1):
+        run = str(out / "ia3@tspmo" / f"x1_seed{seed}")
+        assert_checkpoint(run, 3, "ia3")
+        resolved = json.load(open(os.path.join(run, "perl_run.json")))["config"]
+        assert resolved["data"]["seed"] == seed and resolved["actor_rollout_ref"]["rollout"]["seed"] == seed
+    run = str(first)
     rows = metrics(run)
     assert all(0 < r["perl/tspmo_live_pair_frac"] < 1 for r in rows), rows  # PeRL's T-SPMO advantage step
     assert all("actor/tspmo_pair_frac" in r for r in rows)  # ... and its policy loss, inside verl's update
     assert_vllm_has_the_merged_weights(run, tmp_path)
     report = json.load(open(out / "bench_toy.json"))
-    (row,) = report["runs"]
-    assert row["label"] == "ia3 (T-SPMO)" and row["steps"] == 3 and 0 < row["trainable_percent"] < 1
+    assert [(r["seed"], r["label"], r["steps"]) for r in report["runs"]] == [(0, "ia3 (T-SPMO)", 3), (1, "ia3 (T-SPMO)", 3)]
+    assert 0 < report["runs"][0]["trainable_percent"] < 1 and report["machine_s"] > 0
     table = open(report["tables"]["markdown"]).read()
     assert "| cold start |" in table and "| ia3 (T-SPMO) |" in table and "**Baseline**" in table and "**Other**" in table
+    study = open(report["tables"]["study_markdown"]).read()
+    assert "| ia3 (T-SPMO) | Other |" in study and "| 2 |" in study  # mean +- std over the two seeds
     assert os.path.exists(report["tables"]["plot"]) and os.path.exists(report["tables"]["reward_curves"])
+    assert os.path.exists(report["tables"]["plot_seeds"])
     # the run directory of an evaluated run: held-out before and after, the merged final model
     summary = json.load(open(os.path.join(run, "summary.json")))
     assert summary["eval_problems"] == 16 and summary["steps"] == 3 and "eval_before" in summary
@@ -366,10 +401,10 @@ def test_bench_toy_trains_ia3_with_tspmo_through_verl_and_writes_table_3(tmp_pat
                  "eval_before/results.json", "metrics.jsonl", "logs/train.log", "logs/eval_after.log",
                  "resolved_config.yaml"):
         assert os.path.exists(os.path.join(run, name)), name
-    # a rerun finds the finished run and only rewrites the table: no trainer starts
-    again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
-    assert_ok(again.returncode, again.stdout + again.stderr)
-    assert "[perl bench] [1/1]" not in again.stdout and "[perl] step" not in again.stdout + again.stderr
+    # a third run finds every cell finished and only rewrites the tables: no trainer starts
+    rc, log = run_bench(cmd, env, str(tmp_path / "c.log"), timeout=300)
+    assert_ok(rc, log)
+    assert ": training" not in log and log.count("finished before, reused") == 2 and "[perl] step" not in log
 
 
 # ------------------------------------------------------------------------------------------------

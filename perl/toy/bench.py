@@ -1,20 +1,27 @@
-"""`perl bench toy`: every method on the toy task with one budget -> Table 3 + Figure 1 (left, right).
+"""`perl bench toy`: a study of every method on the toy task -> Table 3, lr sensitivity, Figure 1.
 
-Each variant is one ordinary toy run through verl's trainer (perl.verl_glue.entry.run) in
-`<out>/<variant>`, so the table compares exactly what `bash scripts/run.sh peft.name=...` trains.
-A finished run (its summary.json covers the requested steps and its perl_run.json the same
-settings) is kept, so an interrupted benchmark resumes with the next variant; one with other
-settings is refused. The tables and plots are `perl table`'s (`perl.analysis.tables.write_tables`)
-over the runs plus the shared cold start's evaluation.
+The study is variants x learning rates x seeds (perl.toy.study.Cell). A seed sets the data order
+(`data.seed`, which also seeds S-GRPO's token subsets and the adapter's init in PeRL's engine) and
+vLLM's sampling (`actor_rollout_ref.rollout.seed`); an lr is a multiple of the variant's default
+(the recipe's lr, full fine-tuning's 0.1x included). Each cell is one ordinary toy run through
+verl's trainer (perl.verl_glue.entry.run) in `<out>/<variant>/x<lr>_seed<seed>`, so a cell is
+exactly what `bash scripts/run.sh peft.name=... ` trains with those overrides. A finished cell (its
+summary.json covers the requested steps and its perl_run.json the same settings) is reused, so a
+stopped study resumes where it stopped and can be spread over several sittings; a cell with other
+settings is refused. Outputs: `perl table`'s Table 3 and reward curves over the best-lr runs of
+seed 0, and the study's own tables and error-bar figure (perl.toy.study) in `<out>/tables/`.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
+from dataclasses import asdict
 from typing import Any
 
 from perl.io import atomic_file
+from perl.toy.study import Cell, best_lr, cells, eta_line, frame, write_study
 
 
 def parse_variant(name: str) -> tuple[str, str]:
@@ -31,13 +38,25 @@ def parse_variant(name: str) -> tuple[str, str]:
 
 
 def variant_overrides(variant: str, out_dir: str, overrides: list[str]) -> list[str]:
-    """The `perl train` overrides of one variant's run."""
+    """The `perl train` overrides of one variant's run (its default lr and seed)."""
     method, loss = parse_variant(variant)
     extra = [f"peft.name={method}", f"trainer.default_local_dir={out_dir}", f"trainer.experiment_name=toy_{variant}"]
     if loss != "token":
         extra.append(f"perl.loss_mode={loss}")
     # a method's own lr (full fine-tuning: 0.1 x the recipe's) is compose's rule, as in `perl train`
     return [*overrides, *extra]
+
+
+def cell_overrides(config_path: str, cell: Cell, out: str, overrides: list[str]) -> list[str]:
+    """The overrides of one cell: the variant's, its seed, and its lr when not the default."""
+    from perl.verl_glue.config import compose
+
+    plan = variant_overrides(cell.variant, os.path.join(os.path.abspath(out), cell.name), overrides)
+    plan += [f"data.seed={cell.seed}", f"actor_rollout_ref.rollout.seed={cell.seed}"]
+    if cell.lr_mult != 1.0:
+        default = float(compose(config_path, plan).actor_rollout_ref.actor.optim.lr)
+        plan.append(f"actor_rollout_ref.actor.optim.lr={float(f'{default * cell.lr_mult:.6g}'):g}")
+    return plan
 
 
 def finished(run_dir: str, cfg) -> dict[str, Any] | None:
@@ -60,31 +79,47 @@ def finished(run_dir: str, cfg) -> dict[str, Any] | None:
 
 
 def bench_toy(config_path: str, variants: list[str], out: str, overrides: list[str] | None = None,
-              progress: bool = True) -> dict[str, Any]:
-    """Train every variant (METHOD or METHOD@LOSS; finished runs are reused), then write the table and plots."""
+              progress: bool = True, seeds: list[int] | None = None, lr_grid: list[float] | None = None) -> dict[str, Any]:
+    """Train every cell (finished ones are reused), then write the tables and plots."""
     from perl.analysis.tables import write_tables
     from perl.verl_glue.entry import prepare, run, run_label
     from perl.verl_glue.heldout import BEFORE_DIR
 
     overrides = list(overrides or [])
-    plans = {v: variant_overrides(v, os.path.join(os.path.abspath(out), v), overrides)
-             for v in variants}  # checks every name before anything trains
-    rows = []
-    for i, variant in enumerate(variants):
-        _, cfg, _ = prepare(["--config", config_path, *plans[variant]])
-        summary = finished(os.path.join(out, variant), cfg)
+    seeds, lr_grid = list(seeds or [0]), list(lr_grid or [1.0])
+    for v in variants:
+        parse_variant(v)  # every name checked before anything trains
+    if any(m <= 0 for m in lr_grid):
+        raise ValueError(f"--lr-grid: multiples of a method's default lr must be > 0, got {lr_grid}")
+    todo = cells(variants, lr_grid, seeds)
+    rows, trained_s, started = [], [], time.perf_counter()
+    for i, cell in enumerate(todo):
+        _, cfg, _ = prepare(["--config", config_path, *cell_overrides(config_path, cell, out, overrides)])
+        summary = finished(os.path.join(out, cell.name), cfg)
         if summary is None:
             if progress:
-                print(f"[perl bench] [{i + 1}/{len(variants)}] {variant}", flush=True)
+                print(f"[perl bench] [{i + 1}/{len(todo)}] {cell.name}: training"
+                      + eta_line(trained_s, len(todo) - i), flush=True)
+            t = time.perf_counter()
             summary = run(cfg)
-        method, loss = parse_variant(variant)
-        rows.append({"method": variant, "label": run_label(method, loss),
+            trained_s.append(time.perf_counter() - t)
+        elif progress:
+            print(f"[perl bench] [{i + 1}/{len(todo)}] {cell.name}: finished before, reused", flush=True)
+        method, loss = parse_variant(cell.variant)
+        rows.append({**asdict(cell), "label": run_label(method, loss), "run_dir": os.path.join(out, cell.name),
                      "before": summary["eval_before"], "after": summary["eval_after"], "gain": summary["gain"],
                      "trainable_percent": summary["trainable_percent"], "lr": summary["lr"],
                      "steps": summary["steps"], "wall_s": summary.get("wall_s")})
-    run_dirs = [os.path.join(out, variants[0], BEFORE_DIR)] + [os.path.join(out, v) for v in variants]
-    paths = write_tables(run_dirs, os.path.join(out, "tables"))
-    report = {"runs": rows, "tables": paths, "config": config_path, "overrides": overrides}
+    tables = os.path.join(out, "tables")
+    base = rows[0]["before"]  # the same cold start and held-out set for every cell
+    best = best_lr(frame(rows))
+    best_runs = [r["run_dir"] for r in rows for b in best.itertuples()
+                 if r["variant"] == b.variant and r["lr_mult"] == b.lr_mult and r["seed"] == min(seeds)]
+    paths = write_tables([os.path.join(rows[0]["run_dir"], BEFORE_DIR), *best_runs], tables)
+    paths.update(write_study(rows, base, tables))
+    report = {"runs": rows, "tables": paths, "config": config_path, "overrides": overrides, "seeds": seeds,
+              "lr_grid": lr_grid, "machine_s": sum(r["wall_s"] or 0 for r in rows),
+              "this_sitting_s": time.perf_counter() - started}
     with atomic_file(os.path.join(out, "bench_toy.json")) as tmp, open(tmp, "w") as f:
         json.dump(report, f, indent=2)
     return report

@@ -215,7 +215,10 @@ class PerlFSDPEngine(FSDPEngineWithLMHead):
             return super()._build_lora_module(module)
         if not get_method(self.spec.name).trains_every_parameter:  # before the policy exists
             module.enable_input_require_grads()  # gradient checkpointing with a frozen embedding
-        self.policy = adapt(module, self.spec, total_steps=self.adapt_total_steps())
+        # the adapter's init follows the run's seed (data.seed), without moving the rest of the RNG stream
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(self.perl["seed"]))
+            self.policy = adapt(module, self.spec, total_steps=self.adapt_total_steps())
         model = self.policy.model
         self._sync_requires_grad(model)
         self._materialize_meta_buffers(model)

@@ -6,12 +6,17 @@ with vLLM's CPU build. Around it, in the run directory (`trainer.default_local_d
 
 1. compose verl's hydra config with PeRL's blocks (perl.verl_glue.config), build the toy's cold
    start and data where `perl.toy` is set, and check everything that can fail before Ray starts;
-2. refuse to resume a directory that trained other settings (`perl_run.json`);
+2. refuse to resume a directory that trained other settings (`perl_run.json`); write
+   `resolved_config.yaml`;
 3. held-out evaluation of the base model (`perl.heldout`; `eval_before/`);
-4. verl's trainer: it resumes from the newest complete checkpoint (`trainer.resume_mode=auto`),
-   PeRL's trainer logs `metrics.jsonl` and a progress line per step;
+4. verify the checkpoint a resume starts from (perl.verl_glue.checkpoints; a damaged one is
+   skipped); verl's trainer: it resumes from the newest complete checkpoint
+   (`trainer.resume_mode=auto`), PeRL's trainer logs `metrics.jsonl`;
 5. held-out evaluation of the last checkpoint merged into `final_model/`; `reward_curve.png` and
    `summary.json` (before, after, gain, steps, wall time).
+
+The terminal (perl.verl_glue.console): a first screen, a line per step, the result; each phase's
+library output goes to `logs/<phase>.log`.
 
 `--dry-run` prints the resolved configuration and the adapted model's trainable-parameter summary
 and stops: no Ray, no vLLM, no GPU, no cold start needed.

@@ -1,0 +1,130 @@
+"""What a `perl bench toy` study amounts to: cells (variant x lr x seed) aggregated over seeds.
+
+A cell is one ordinary verl run; its summary.json holds the held-out Avg@k before and after. Per
+variant and lr the seeds give a mean and a standard deviation (pandas); a variant's best lr is the
+one with the highest mean after. Tables: the paper's Table 3 layout at each variant's best lr (mean
++- std over seeds, the gain over the base, trainable %), and the lr sensitivity (every lr's mean);
+Figure 1 with error bars (matplotlib).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import pandas as pd
+
+from perl.methods import CATEGORIES, METHODS
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of the study: a variant (METHOD or METHOD@LOSS) at a multiple of its default lr, one seed."""
+
+    variant: str
+    lr_mult: float
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.variant}/x{self.lr_mult:g}_seed{self.seed}"
+
+
+def cells(variants: list[str], lr_grid: list[float], seeds: list[int]) -> list[Cell]:
+    """Every cell, seeds innermost (a variant's first lr gets all its seeds before the next lr)."""
+    return [Cell(v, float(m), int(s)) for v in variants for m in lr_grid for s in seeds]
+
+
+def frame(rows: list[dict]) -> pd.DataFrame:
+    """rows: {**asdict(cell), before, after, gain, trainable_percent, lr, label, wall_s} per finished cell."""
+    return pd.DataFrame(rows)
+
+
+def by_lr(df: pd.DataFrame) -> pd.DataFrame:
+    """Mean and std over seeds of each (variant, lr multiple)."""
+    g = df.groupby(["variant", "lr_mult"], sort=False)
+    out = g.agg(label=("label", "first"), lr=("lr", "first"), trainable_percent=("trainable_percent", "first"),
+                seeds=("seed", "nunique"), before=("before", "mean"), after=("after", "mean"),
+                after_std=("after", "std"), gain=("gain", "mean"), gain_std=("gain", "std")).reset_index()
+    return out.fillna({"after_std": 0.0, "gain_std": 0.0})
+
+
+def best_lr(df: pd.DataFrame) -> pd.DataFrame:
+    """Each variant at the lr multiple with the highest mean held-out accuracy after training."""
+    agg = by_lr(df)
+    return agg.loc[agg.groupby("variant", sort=False)["after"].idxmax()].reset_index(drop=True)
+
+
+def _category(variant: str) -> str:
+    return METHODS[variant.partition("@")[0]].category
+
+
+def table3_markdown(best: pd.DataFrame, base: float) -> str:
+    lines = ["| method | category | trainable % | best lr (x default) | seeds | Avg@k after (mean +- std) | gain over base |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    order = {c: i for i, c in enumerate(CATEGORIES)}
+    rows = sorted(best.itertuples(), key=lambda r: (order[_category(r.variant)], -r.after))
+    for r in rows:
+        lines.append(f"| {r.label} | {_category(r.variant)} | {r.trainable_percent:.3g} | {r.lr:g} (x{r.lr_mult:g}) "
+                     f"| {r.seeds} | {r.after:.3f} +- {r.after_std:.3f} | {r.after - base:+.3f} +- {r.gain_std:.3f} |")
+    lines.append(f"| base (cold start) | | | | | {base:.3f} | |")
+    return "\n".join(lines)
+
+
+def lr_sensitivity_markdown(df: pd.DataFrame) -> str:
+    agg = by_lr(df)
+    mults = sorted(agg.lr_mult.unique())
+    lines = ["| method | " + " | ".join(f"x{m:g}" for m in mults) + " |", "|---|" + "---:|" * len(mults)]
+    for variant, rows in agg.groupby("variant", sort=False):
+        cell = {r.lr_mult: f"{r.after:.3f} ({r.seeds})" for r in rows.itertuples()}
+        lines.append(f"| {rows.label.iloc[0]} | " + " | ".join(cell.get(m, "–") for m in mults) + " |")
+    return "\n".join(lines)
+
+
+def plot_with_error_bars(best: pd.DataFrame, base: float, path: str) -> str | None:
+    """Figure 1 (left) over seeds: accuracy after training vs trainable share, +- one std."""
+    from perl.analysis.plotting import finish, new_figure
+
+    pts = best[best.trainable_percent.notna() & (best.trainable_percent > 0)]
+    if pts.empty:
+        return None
+    fig, (ax,) = new_figure()
+    for r in pts.itertuples():
+        ax.errorbar(r.trainable_percent, 100 * r.after, yerr=100 * r.after_std, fmt="o", capsize=3)
+        ax.annotate(r.label, (r.trainable_percent, 100 * r.after), textcoords="offset points", xytext=(4, 4),
+                    fontsize=8)
+    ax.axhline(100 * base, color="black", linewidth=0.8, linestyle=":", label="base")
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (% of the model, log scale)")
+    ax.set_ylabel("held-out Avg@k after RL (%, mean +- std over seeds)")
+    return finish(fig, [ax], path)
+
+
+def write_study(rows: list[dict], base: float, out_dir: str) -> dict[str, str]:
+    """The study's tables (markdown + CSV) and figure in `out_dir`."""
+    os.makedirs(out_dir, exist_ok=True)
+    df = frame(rows)
+    best = best_lr(df)
+    paths = {"cells_csv": os.path.join(out_dir, "study_cells.csv"), "best_csv": os.path.join(out_dir, "study_best.csv"),
+             "study_markdown": os.path.join(out_dir, "study.md")}
+    df.to_csv(paths["cells_csv"], index=False)
+    best.to_csv(paths["best_csv"], index=False)
+    with open(paths["study_markdown"], "w") as f:
+        f.write("## At each method's best lr\n\n" + table3_markdown(best, base) + "\n\n## lr sensitivity "
+                "(mean Avg@k after, seeds in brackets)\n\n" + lr_sensitivity_markdown(df) + "\n")
+    png = plot_with_error_bars(best, base, os.path.join(out_dir, "accuracy_vs_params_seeds.png"))
+    if png:
+        paths["plot_seeds"] = png
+    return paths
+
+
+def eta_line(done_s: list[float], remaining: int) -> str:
+    """'~M min a cell, ~H h left' from the cells trained in this sitting."""
+    if not done_s or remaining <= 0:
+        return ""
+    per = sum(done_s) / len(done_s)
+    left = per * remaining
+    return f"; ~{per / 60:.1f} min a cell, ~{left / 3600:.1f} h left" if left >= 3600 else \
+        f"; ~{per / 60:.1f} min a cell, ~{math.ceil(left / 60)} min left"
+
