@@ -2,7 +2,8 @@
 
 verl cannot train on CPU (its rollout needs vLLM/SGLang), but everything the engine owns runs here:
 model and optimizer building for all 14 methods, one DAPO update through verl's forward/backward
-and optimizer step, the rollout weight sync, the reference policy, and checkpoint save/resume.
+and optimizer step, the rollout weight sync, the reference policy, and checkpoint save/resume; and
+a second pass of the methods under verl's GPU defaults (gradient checkpointing, bf16 mixed precision).
 """
 
 import os
@@ -65,6 +66,26 @@ def test_tinylora_tied_vector_is_summed_over_units_and_ranks_and_stepped_once(di
     verl's optimizer step moves it once."""
     out = _report(dist_run, "VERL_ENGINE_OK 15")
     assert "ok engine tinylora tied gradient" in out
+
+
+def test_every_method_under_verl_gpu_defaults_gradient_checkpointing_and_bf16(dist_run):
+    """tests/dist/verl_engine.py `check_gpu_defaults`: every method with gradient checkpointing on and
+    FSDP2 bf16 parameters / fp32 reduce (verl's GPU defaults): a DAPO step changes trainable parameters
+    only; the merged sync equals PeRL's unsharded merged export within 2 bf16 spacings, a model holding
+    it gives the adapted policy's log-probs within 1e-2, the engine's bf16 forward within 6e-2; the
+    delta_sharded shard export is refused naming its config key."""
+    from perl.methods import METHODS
+
+    out = _report(dist_run, "VERL_GPU_DEFAULTS_OK")
+    assert f"VERL_GPU_DEFAULTS_OK {len(METHODS)} " in out
+    assert all(f"ok gpu-defaults tiny-qwen2/{m} " in out for m in METHODS)
+
+
+def test_adalora_regulariser_is_loss_scaled_like_verls_fp16_loss(dist_run):
+    """tests/dist/verl_engine.py `check_adalora_loss_scaling`: with a grad scaler (verl's fp16 path)
+    one AdaLoRA step equals the unscaled step bit for bit, regulariser included."""
+    out = _report(dist_run, "VERL_GPU_DEFAULTS_OK")
+    assert "ok adalora loss scaling" in out
 
 
 def test_checkpoint_save_resume_is_exact_and_exports_peft_adapters(dist_run):

@@ -7,10 +7,12 @@
   the entry point sets `lora_rank` so that verl also keeps the reference policy inside the actor);
 - `_build_optimizer`: the method's parameter groups (LoRA+ ratio, LoRA-FA's B-only group);
 - `forward_backward_batch` / `optimizer_step`: AdaLoRA's orthogonal regulariser is added once per
-  optimizer step, its rank allocation runs right after `optimizer.step()` (both on gathered full
-  tensors, identically on every rank, then written back to the shards);
+  optimizer step (scaled by verl's grad scaler under fp16, like the policy loss), its rank allocation
+  runs right after `optimizer.step()` (both on gathered full tensors, identically on every rank, then
+  written back to the shards);
 - `get_per_tensor_param`: rollout weights come from PeRL's merged sync (`perl.sync.merged_weights`,
   every method, per FSDP unit) or, for the LoRA family, adapter-only in vLLM's LoRA format;
+  `get_per_tensor_param_shard` (verl's `delta_sharded` checkpoint engine) is refused;
 - `disable_adapter`: the reference policy is the actor with its adapter off (PiSSA/MiLoRA: their
   initial adapter swapped in, since their frozen base is the residual W - B0 A0);
 - `save_checkpoint` / `load_checkpoint`: verl's sharded checkpoint (model, optimizer, lr schedule,
@@ -361,13 +363,18 @@ class PerlFSDPEngine(FSDPEngineWithLMHead):
                                                                          default=False))
 
     def extra_loss_backward(self) -> float | None:
-        """Add the method's extra loss (AdaLoRA's orthogonal regulariser) once per optimizer step."""
+        """Add the method's extra loss (AdaLoRA's orthogonal regulariser) once per optimizer step.
+
+        With fp16 parameters verl scales every micro-batch loss by its grad scaler and unscales all
+        gradients before clipping (`optimizer_step`); the extra loss is scaled the same way, else its
+        gradient would reach the step divided by the loss scale."""
         select = lambda name, p: p.requires_grad  # noqa: E731
         with full_parameters(self.module, select, differentiable=True):
             extra = self.policy.extra_loss()
         if extra is None:
             return None
-        extra.backward()
+        scaler = getattr(self, "scaler", None)  # verl's ShardedGradScaler when param_dtype is fp16, else None
+        (scaler.scale(extra) if scaler is not None else extra).backward()
         return float(extra.detach())
 
     def optimizer_step(self):
@@ -428,6 +435,19 @@ class PerlFSDPEngine(FSDPEngineWithLMHead):
         if self.adapter_sync == "adapter":
             return self._adapter_sync(base_sync_done)
         return self._offload_after(self._merged()), None
+
+    def get_per_tensor_param_shard(self, **kwargs):
+        """Refused with a PeRL method: verl's shard export (the `delta_sharded` checkpoint engine, also
+        behind `prime_delta_snapshots` and `get_per_tensor_param_delta_shard`) yields each rank's local
+        shards of the *unmerged* parameters under their peft names, which the rollout cannot load, and
+        the merge needs whole tensors of a module."""
+        if self.policy is None:
+            return super().get_per_tensor_param_shard(**kwargs)
+        raise NotImplementedError(
+            f"actor_rollout_ref.rollout.checkpoint_engine.backend=delta_sharded is not supported with "
+            f"peft.name={self.policy.name}: its shard export sends the unmerged peft parameters, not the merged "
+            "weights the rollout serves. Use a backend that syncs whole merged tensors (naive, the default; nccl, nixl, "
+            "hccl)")
 
     def _merged(self) -> Iterator[tuple[str, torch.Tensor]]:
         from perl.sync import merged_weights

@@ -3,6 +3,7 @@ launch (verl's import costs ~10 s per process on a 2-core box)."""
 
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 import verl_checkpoint  # noqa: E402
@@ -24,6 +25,16 @@ def main() -> None:
     if rank == 0:
         print("ok engine tinylora tied gradient", flush=True)
         print(f"VERL_ENGINE_OK {len(verl_engine.RUNS)}", flush=True)
+    start = time.perf_counter()
+    for method in verl_engine.METHODS:  # verl's GPU defaults: gradient checkpointing, bf16 mixed precision
+        measured = verl_engine.check_gpu_defaults("tiny-qwen2", method, dirs["tiny-qwen2"])
+        if rank == 0:
+            print(f"ok gpu-defaults tiny-qwen2/{method} " + " ".join(f"{k}={v:.3g}" for k, v in measured.items()),
+                  flush=True)
+    verl_engine.check_adalora_loss_scaling(dirs["tiny-qwen2"])
+    if rank == 0:
+        print("ok adalora loss scaling", flush=True)
+        print(f"VERL_GPU_DEFAULTS_OK {len(verl_engine.METHODS)} in {time.perf_counter() - start:.1f} s", flush=True)
     root = os.path.join(os.environ["PERL_VERL_TMP"], "ckpt")
     for method in verl_checkpoint.METHODS:
         verl_checkpoint.check(method, dirs["tiny-qwen2"], root)

@@ -58,7 +58,11 @@ def unsharded_policy(engine, path: str):
 
 def base_log_probs(path: str, rows) -> list[torch.Tensor]:
     """Response-token log-probs of the plain base model (the reference the ref policy must equal)."""
-    model = base_model(path)
+    return model_log_probs(base_model(path), rows)
+
+
+def model_log_probs(model, rows) -> list[torch.Tensor]:
+    """Response-token log-probs of a plain (unsharded) HF model, fp32 forward."""
     out = []
     with torch.no_grad():
         for prompt, response in zip(rows["prompts"], rows["responses"]):

@@ -11,6 +11,9 @@ broadcast, optimizer from the method's groups), takes one DAPO step with verl's 
   weights, bit for bit; for the LoRA family the adapter-only sync equals PeRL's `lora_adapter`;
 - the reference policy (adapter disabled, as verl's ref-in-actor path calls it) gives the base
   model's log-probs, and re-enabling restores the policy's.
+`check_gpu_defaults` repeats the step and the sync checks under verl's GPU defaults (gradient
+checkpointing, bf16 mixed precision) with stated tolerances; `check_adalora_loss_scaling` checks the
+regulariser under fp16's loss scaling.
 """
 
 import os
@@ -19,8 +22,11 @@ import sys
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: support.*
 from verl_common import (  # noqa: E402
-    VOCAB, base_log_probs, base_model, done, full_state, init, max_diff, model_dirs, unsharded_policy,
+    VOCAB, base_log_probs, base_model, done, full_state, init, max_diff, model_dirs, model_log_probs,
+    unsharded_policy,
 )
+
+import math  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -111,6 +117,134 @@ def check(arch: str, method: str, path: str) -> None:
         err, moved = max_diff(ref_lp, base_lp), max_diff(policy_lp, base_lp)
         assert err < 2e-5 and moved > 10 * err, (where, err, moved)
         assert max_diff(response_log_probs(eng, cfg, rows), policy_lp) == 0.0, (where, "adapter not restored")
+
+
+# verl's GPU defaults: gradient checkpointing (on in the base config) and FSDP2 mixed precision with
+# bf16 parameters and fp32 gradient reduction (transformer_impl.py `_build_fsdp_module`'s default);
+# the masters stay fp32 (verl loads a training model in fp32), the forward runs under bf16 autocast.
+GPU_DEFAULTS = ["actor_rollout_ref.model.enable_gradient_checkpointing=true",
+                ("+actor_rollout_ref.actor.fsdp_config.mixed_precision={param_dtype: bf16, reduce_dtype: fp32, "
+                 "buffer_dtype: fp32}")]
+# Tolerances of the bf16 pass (measured: the largest over the 14 methods in 4 launches):
+# - sync vs PeRL's unsharded merged export of the same fp32 masters: FSDP2 unshards in param_dtype, so
+#   the engine merges bf16-rounded weights (in fp32) and rounds again: at most SYNC_ULPS bf16 spacings
+#   at the tensor's largest entry (measured: 1);
+# - response log-probs of a plain model holding the synced weights (fp32 forward) vs PeRL's unsharded
+#   adapted policy: MERGED_TOL (measured 4.4e-3: the bf16 rounding of the weights, growing with them),
+#   and the step moved the policy from the base by more than MOVED_FACTOR x that error (measured >= 17x;
+#   a sync without the adapter would err by as much as the step moved);
+# - the engine's own forward (bf16 autocast, gradient checkpointing) vs that adapted policy: ENGINE_TOL
+#   (measured 3.2e-2: bf16 arithmetic in every matmul of the tiny model).
+SYNC_ULPS = 2
+MERGED_TOL = 1e-2
+MOVED_FACTOR = 4
+ENGINE_TOL = 6e-2
+# lr of this pass: 5x the first pass's, so that every method moves clearly; full fine-tuning at 1e-2, and
+# LoRA+ at 5e-2 / 16, its B group's lr ratio (at 16 x 5e-2 its B grows until bf16's errors pass ENGINE_TOL)
+GPU_PASS_LR = {None: 5e-2, "full": 1e-2, "lora_plus": 5e-2 / 16}
+
+
+def bf16_ulps(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max |got - want| in units of bf16's spacing at the tensor's largest |want| (2^(exponent - 7)):
+    the merge's double rounding errs by the spacing of its inputs (W, B A), not of each small result."""
+    want32, got32 = want.float(), got.float()
+    scale = float(want32.abs().max())
+    if scale == 0.0:
+        return 0.0 if torch.equal(got32, want32) else float("inf")
+    spacing = 2.0 ** (math.floor(math.log2(scale)) - 7)
+    return float((got32 - want32).abs().max()) / spacing
+
+
+def check_gpu_defaults(arch: str, method: str, path: str) -> dict[str, float]:
+    """One method under verl's GPU defaults (gradient checkpointing, bf16 mixed precision): a DAPO step
+    runs and changes trainable parameters only; the merged sync after it equals PeRL's unsharded merged
+    export of the same fp32 weights, a plain model holding the synced weights computes the adapted
+    policy's log-probs, and so does the engine's bf16 forward, each within the tolerances above.
+    Returns the measured errors for the report."""
+    from torch.distributed.fsdp import FSDPModule
+
+    where = f"{arch}/{method} (bf16, gradient checkpointing)"
+    cfg = cfg_for(path, method, [*EXTRA.get(method, []), *GPU_DEFAULTS, "peft.sync_dtype=bfloat16"],
+                  lr=GPU_PASS_LR.get(method, GPU_PASS_LR[None]))
+    eng, loss_fn = build_actor_engine(cfg)
+    hf = eng.module.get_base_model() if hasattr(eng.module, "get_base_model") else eng.module
+    assert hf.is_gradient_checkpointing, (where, "gradient checkpointing is off")
+    assert eng._autocast_dtype == torch.bfloat16 and eng.scaler is None, where
+    groups = [m._get_fsdp_state()._fsdp_param_group for m in eng.module.modules() if isinstance(m, FSDPModule)]
+    policies = {(g.mp_policy.param_dtype, g.mp_policy.reduce_dtype) for g in groups if g is not None}
+    assert policies == {(torch.bfloat16, torch.float32)}, (where, policies)
+    assert all(p.dtype == torch.float32 for p in eng.module.parameters()), (where, "masters are not fp32")
+
+    rows = synthetic_batch(4, vocab=VOCAB, seed=3)
+    before = full_state(eng)
+    out = train_step(eng, loss_fn, cfg, rows)
+    after = full_state(eng)
+    assert eng.policy.optimizer_steps == 1, where
+    assert all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point()), (where, "non-finite")
+    reference = unsharded_policy(eng, path)
+    train_names = {n for n, p in reference.model.named_parameters() if p.requires_grad}
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and changed <= train_names, (where, sorted(changed - train_names)[:3])
+    if method == "adalora":
+        assert out["metrics"]["actor/perl_extra_loss"][0] > 0, where
+
+    pairs, _ = eng.get_per_tensor_param()
+    got = {k: v.clone() for k, v in pairs}
+    want = merged_state_dict(reference, dtype=torch.bfloat16)
+    assert list(got) == list(want) and all(got[k].dtype == torch.bfloat16 for k in got), where
+    ulps = max(bf16_ulps(got[k], want[k]) for k in want)
+    assert ulps <= SYNC_ULPS, (where, "sync vs unsharded merged export, bf16 ulps", ulps)
+
+    # the rollout's view: a plain model holding the synced weights computes the adapted policy
+    merged = base_model(path)
+    merged.load_state_dict({k: v.float() for k, v in got.items()}, strict=False)
+    merged_lp, adapted_lp = model_log_probs(merged, rows), model_log_probs(reference.model.eval(), rows)
+    err = max_diff(merged_lp, adapted_lp)
+    moved = max_diff(adapted_lp, base_log_probs(path, rows))
+    engine_err = max_diff(response_log_probs(eng, cfg, rows), adapted_lp)  # the engine's bf16 forward
+    assert err < MERGED_TOL, (where, "merged model vs adapted policy log-probs", err)
+    assert moved > MOVED_FACTOR * err, (where, "the step moved the policy less than the sync errs", moved, err)
+    assert engine_err < ENGINE_TOL, (where, "engine bf16 forward vs adapted policy log-probs", engine_err)
+    if method == "lora":  # verl's shard export (checkpoint_engine.backend=delta_sharded) is refused, naming the key
+        try:
+            eng.get_per_tensor_param_shard()
+        except NotImplementedError as e:
+            assert "actor_rollout_ref.rollout.checkpoint_engine.backend=delta_sharded" in str(e), str(e)
+        else:
+            raise AssertionError("get_per_tensor_param_shard did not refuse a PeRL method")
+    return {"sync_ulps": ulps, "merged_err": err, "moved": moved, "engine_err": engine_err}
+
+
+def check_adalora_loss_scaling(path: str) -> None:
+    """AdaLoRA's regulariser under fp16 loss scaling. With param_dtype=fp16 verl multiplies each
+    micro-batch loss by its ShardedGradScaler's scale and unscales every gradient before clipping and
+    the step; PerlFSDPEngine's extra loss must be scaled too. verl builds that scaler for CUDA only (on
+    CPU it disables itself), so the scaler is set here on the CPU, at 2^12: scaling by a power of two
+    is exact, so one SGD step with it must give bit for bit the weights of the same step without it,
+    while a regulariser gradient left unscaled (divided by 2^12 at the step) moves them far more."""
+    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+    # a heavier regulariser (0.5 by default) makes its one-step move ~1e-3 at SGD's lr 1e-2
+    same = ["peft.dropout=0.0", "actor_rollout_ref.actor.optim.optimizer=SGD", "+peft.options.orth_reg_weight=50"]
+    cfg = cfg_for(path, "adalora", same)
+    plain, loss_fn = build_actor_engine(cfg)
+    scaled, _ = build_actor_engine(cfg)
+    scaled.scaler = ShardedGradScaler(device="cpu", init_scale=2.0 ** 12)
+    with torch.no_grad():
+        for pa, pb in zip(plain.module.parameters(), scaled.module.parameters()):
+            pb.to_local().copy_(pa.to_local()) if hasattr(pb, "to_local") else pb.copy_(pa)
+    reference = unsharded_policy(plain, path)  # the regulariser's own gradient at the start
+    params = [p for _, p in reference.trainable_parameters()]
+    reg_grad = torch.autograd.grad(reference.extra_loss(), params, allow_unused=True)
+    reg_move = float(cfg.actor_rollout_ref.actor.optim.lr) * max(float(g.abs().max()) for g in reg_grad if g is not None)
+    rows = synthetic_batch(4, vocab=VOCAB, seed=7)
+    out_plain = train_step(plain, loss_fn, cfg, rows)
+    out_scaled = train_step(scaled, loss_fn, cfg, rows)
+    assert float(scaled.scaler.get_scale()) == 2.0 ** 12, "the scaler skipped the step (non-finite gradients)"
+    assert out_plain["metrics"]["actor/perl_extra_loss"] == out_scaled["metrics"]["actor/perl_extra_loss"]
+    a, b = full_state(plain), full_state(scaled)
+    diff = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert diff == 0.0 and reg_move > 1e-4, ("loss-scaled step vs plain step", diff, reg_move)
 
 
 def check_sgrpo(path: str) -> None:
