@@ -156,6 +156,23 @@ def test_svd_init_lies_in_its_singular_subspace(arch, name, which):
         assert layer.lora_A["default"].weight.requires_grad and layer.lora_B["default"].weight.requires_grad
 
 
+def test_pissa_init_is_peft_pissa_init_bit_for_bit(arch):
+    """PeRL does PiSSA's init itself (layer by layer, on the accelerator when there is one); on the
+    CPU it is peft's `init_lora_weights="pissa"`, bit for bit, and draws nothing from the random stream."""
+    from peft import LoraConfig, get_peft_model
+
+    policy = adapt(fresh_base(arch), _spec("pissa"))
+    after_perl = torch.rand(4)
+    peft_model = get_peft_model(fresh_base(arch), LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0,
+                                                             target_modules=list(ALL_LINEAR), bias="none",
+                                                             task_type="CAUSAL_LM", init_lora_weights="pissa"))
+    assert torch.equal(torch.rand(4), after_perl)  # fresh_base reseeds: the same draws follow both builds
+    want = peft_model.state_dict()
+    got = policy.model.state_dict()
+    assert list(got) == list(want)
+    assert all(torch.equal(got[k], want[k]) for k in want), [k for k in want if not torch.equal(got[k], want[k])][:3]
+
+
 def test_adalora_shapes_and_budget_shrinks(arch):
     from peft.tuners.adalora import SVDLinear
 

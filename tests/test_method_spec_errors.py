@@ -72,8 +72,14 @@ def test_ia3_feedforward_must_be_targeted():
     assert "feedforward_modules" in msg
 
 
-def test_milora_rank_larger_than_matrix():
-    assert "exceeds" in _err({"name": "milora", "rank": 64})
+@pytest.mark.parametrize("name", ["milora", "pissa"])
+def test_svd_init_rank_larger_than_matrix(name):
+    assert "exceeds" in _err({"name": name, "rank": 64})
+    # also on a shapes-only (meta) base, what the config check adapts before Ray
+    from perl.models import build_model
+
+    with pytest.raises(MethodSpecError, match="exceeds"):
+        adapt(build_model("tiny-qwen2", device="meta", seed=None), {"name": name, "rank": 64})
 
 
 def test_spec_from_flat_and_nested_dicts_agree():

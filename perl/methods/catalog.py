@@ -597,27 +597,72 @@ class RsLora(LoraFamily):
         return {"use_rslora": True}
 
 
+def svd_init_device() -> torch.device | None:
+    """Where PiSSA/MiLoRA decompose the weights: the current CUDA device when torch sees one, else None
+    (in place). verl builds the model on rank 0's CPU (the other ranks hold meta tensors until the
+    broadcast), where the exact SVDs of a 7B model take minutes (bench/svd_init.py) while the other
+    ranks wait in a collective; on the accelerator each matrix goes there, is decomposed, and its
+    factors and residual come back, one at a time."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return None
+
+
+def svd_init_layer(layer, adapter: str, which: str, niter: int | None = None,
+                   device: torch.device | None = None) -> None:
+    """PiSSA's init (peft's `pissa_init`, same fp32 arithmetic in the same order) on one LoRA layer,
+    with the `which` ("top": PiSSA, "bottom": MiLoRA) r singular triplets of W, computed on `device`
+    (None: where W is): A = sqrt(S_r / s) Vh_r, B = U_r sqrt(S_r / s), base W <- W - s B A. The
+    factors stay fp32 (as peft leaves them); the residual takes W's dtype, both go back to W's device.
+    `niter`: peft's randomized SVD (`torch.svd_lowrank`, top only) instead of the exact one."""
+    base = layer.get_base_layer()
+    _require(not getattr(layer, "fan_in_fan_out", False), "SVD-initialised methods need nn.Linear weights (fan_in_fan_out=False)")
+    home, dtype = base.weight.device, base.weight.dtype
+    r, scaling = layer.r[adapter], layer.scaling[adapter]
+    weight = base.weight.detach().to(device=device or home, dtype=torch.float32)
+    if niter is None:
+        u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+        sel = slice(None, r) if which == "top" else slice(-r, None)
+        u_r, s_r, vh_r = u[:, sel], s[sel] / scaling, vh[sel]
+    else:
+        _require(which == "top", "a randomized SVD (niter) finds the top singular triplets only")
+        u_r, s_r, v_r = torch.svd_lowrank(weight, r, niter=int(niter))
+        s_r, vh_r = s_r / scaling, v_r.t()
+    lora_a = torch.diag(torch.sqrt(s_r)) @ vh_r
+    lora_b = u_r @ torch.diag(torch.sqrt(s_r))
+    residual = weight - scaling * lora_b @ lora_a
+    layer.lora_A[adapter].weight.data = lora_a.to(home)
+    layer.lora_B[adapter].weight.data = lora_b.to(home)
+    base.weight.data = residual.to(dtype).to(home)
+
+
 class _SvdInitLora(LoraFamily):
     """PiSSA and MiLoRA: A, B from an SVD of W, base replaced by the residual W - s*B@A.
 
-    Saved as a plain LoRA delta (rank 2r: [A | A0], [B | -B0], peft's own conversion), so the
-    adapter loads on the *original* base with `PeftModel.from_pretrained`. Loading with
-    `is_trainable=True` rebuilds the residual form exactly (same fp32 arithmetic as the init).
+    The init is PeRL's (`svd_init_layer`, peft's arithmetic), layer by layer, on the accelerator when
+    there is one (`svd_init_device`). Saved as a plain LoRA delta (rank 2r: [A | A0], [B | -B0],
+    peft's own conversion), so the adapter loads on the *original* base with
+    `PeftModel.from_pretrained`. Loading with `is_trainable=True` rebuilds the residual form exactly
+    (same fp32 arithmetic as the init).
     """
 
     INITIAL = "initial_adapter"
     residual_base = True
+    which = "top"
 
     def build(self, model, spec, options, targets, state):
-        model = super().build(model, spec, options, targets, state)
-        self.init_adapter(model)
+        model = super().build(model, spec, options, targets, state)  # plain layers; A, B replaced below
+        device = svd_init_device()
+        for name, layer in _lora_layers(model):
+            w = layer.get_base_layer().weight
+            _require(layer.r["default"] <= min(w.shape),
+                     f"{self.name}: rank {layer.r['default']} exceeds min(shape) {tuple(w.shape)} of {name}")
+            if not state.get("shapes_only"):  # meta weights (a shapes-only model, verl's ranks > 0): no init
+                svd_init_layer(layer, "default", self.which, options.get("niter"), device)
         state["initial_adapter"] = {
             k: v.detach().clone() for k, v in model.state_dict().items() if ".lora_A." in k or ".lora_B." in k
         }
         return model
-
-    def init_adapter(self, model: nn.Module) -> None:
-        """Hook for inits peft does not have (MiLoRA); PiSSA's is done by peft itself."""
 
     def save(self, policy, out_dir):
         init_dir = os.path.join(out_dir, self.INITIAL)
@@ -661,7 +706,7 @@ class _SvdInitLora(LoraFamily):
 
 
 def _subtract_into_base(layer, adapter: str) -> None:
-    """W <- W - scaling * B @ A in fp32 (peft's pissa_init arithmetic, so resume is bit-exact)."""
+    """W <- W - scaling * B @ A in fp32 (the init's arithmetic, so resume is bit-exact)."""
     base = layer.get_base_layer()
     _require(not getattr(layer, "fan_in_fan_out", False), "SVD-initialised methods need nn.Linear weights (fan_in_fan_out=False)")
     dtype = base.weight.dtype
@@ -679,8 +724,8 @@ class Pissa(_SvdInitLora):
     options = {"niter": None}  # None: exact SVD; an int: peft's fast randomized SVD with that many iterations
 
     def lora_kwargs(self, spec, options):
-        niter = options["niter"]
-        return {"init_lora_weights": "pissa" if niter is None else f"pissa_niter_{int(niter)}"}
+        # no init draws (peft's own "pissa" init makes none): the run's random stream stays as it was
+        return {"init_lora_weights": False}
 
 
 @register
@@ -688,21 +733,7 @@ class Milora(_SvdInitLora):
     name = "milora"
     category = "Initialization"
     summary = "B, A from the minor (bottom-r) SVD components of W; base becomes W - BA"
-
-    def init_adapter(self, model):
-        # Not in peft: PiSSA's construction applied to the r smallest singular triplets.
-        for name, layer in _lora_layers(model):
-            base = layer.get_base_layer()
-            w = base.weight
-            r = layer.r["default"]
-            _require(r <= min(w.shape), f"milora: rank {r} exceeds min(shape) {tuple(w.shape)} of {name}")
-            if w.is_meta:  # shapes only (parameter counting); nothing to decompose
-                continue
-            u, s, vh = torch.linalg.svd(w.data.to(torch.float32), full_matrices=False)
-            s_r = s[-r:] / layer.scaling["default"]
-            layer.lora_A["default"].weight.data = (torch.diag(torch.sqrt(s_r)) @ vh[-r:]).contiguous()
-            layer.lora_B["default"].weight.data = (u[:, -r:] @ torch.diag(torch.sqrt(s_r))).contiguous()
-            _subtract_into_base(layer, "default")
+    which = "bottom"
 
 
 # ----------------------------------------------------------------------------------------------
