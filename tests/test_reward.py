@@ -5,7 +5,7 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
 import pytest
 
-from perl.reward import FormatConfig, MathReward, RewardConfig, compute_score, extract_answer
+from perl.reward import FormatConfig, MathReward, RewardConfig, compute_score, extract_answer, reward_from_kwargs
 
 TIMEOUT = 2.0
 
@@ -120,6 +120,18 @@ def test_format_strictness_is_configurable():
     assert extract_answer("</think>\nAnswer: $17$.", FormatConfig(answer_line_fallback=True)) == ("17", "ok")
     assert extract_answer("</think>\\boxed{" + "1" * 2000 + "}")[1] == "too_long"
     assert extract_answer("</think>\\boxed 7 apples") == ("7", "ok")
+
+
+def test_the_last_number_fallback_reads_what_small_instruct_models_write():
+    lenient = FormatConfig(require_think=False, last_number_fallback=True)
+    assert extract_answer("5 + 2 = 7", lenient) == ("7", "ok")  # SmolLM2's usual answer
+    assert extract_answer("The answer is 1,250.", lenient) == ("1250", "ok")
+    assert extract_answer("x = -3/4 so", lenient) == ("-3/4", "ok")
+    assert extract_answer("5 + 2 = 7 \\boxed{8}", lenient) == ("8", "ok")  # a box still wins
+    assert extract_answer("no digits here", lenient) == (None, "no_answer")
+    assert extract_answer("5 + 2 = 7", FormatConfig(require_think=False)) == (None, "no_answer")  # off by default
+    reward = reward_from_kwargs({"require_think": False, "last_number_fallback": True})
+    assert [s["acc"] for s in reward.score_batch(["3 + 4 = 7", "3 + 4 = 8"], ["7", "7"])] == [1.0, 0.0]
     with pytest.raises(ValueError, match="reward.boxed"):
         FormatConfig(boxed="middle")
 

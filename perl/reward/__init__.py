@@ -96,7 +96,7 @@ def default_reward() -> MathReward:
 
 
 _BY_KWARGS: dict[tuple, MathReward] = {}
-_FORMAT_FIELDS = ("require_think", "boxed", "answer_line_fallback")
+_FORMAT_FIELDS = ("require_think", "boxed", "answer_line_fallback", "last_number_fallback")
 _REWARD_FIELDS = ("correct_score", "incorrect_score", "timeout_s", "workers")
 
 

@@ -14,6 +14,7 @@ THINK_CLOSE = "</think>"
 BOX_COMMANDS = ("\\boxed", "\\fbox")
 MAX_ANSWER_CHARS = 1000  # longer "answers" are not answers; verifying them only costs time
 _ANSWER_LINE = re.compile(r"(?im)^\s*(?:final\s+)?answer\s*[:：]\s*(.+?)\s*$")
+_NUMBER = re.compile(r"-?\d+(?:[.,]\d+)*(?:/\d+)?")
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,10 @@ class FormatConfig:
     require_think: bool = True
     boxed: str = "last"  # "last" or "first" box after the think block
     answer_line_fallback: bool = False  # accept a final "Answer: ..." line when there is no box
+    # accept the last number of the completion when there is no box (nor answer line): the
+    # "flexible" extraction of GSM8K-style evaluations, for small instruct models that answer
+    # "5 + 2 = 7" and rarely box (examples/smollm2_arith.yaml)
+    last_number_fallback: bool = False
 
     def __post_init__(self) -> None:
         if self.boxed not in ("last", "first"):
@@ -94,10 +99,15 @@ def extract_answer(text, config: FormatConfig = FormatConfig()) -> tuple[str | N
                 break
         if answer is None:
             return None, "unbalanced"
-    elif config.answer_line_fallback:
-        lines = _ANSWER_LINE.findall(text)
-        if lines:
-            answer = lines[-1].strip().rstrip(".").strip().strip("$")
+    else:
+        if config.answer_line_fallback:
+            lines = _ANSWER_LINE.findall(text)
+            if lines:
+                answer = lines[-1].strip().rstrip(".").strip().strip("$")
+        if answer is None and config.last_number_fallback:
+            numbers = _NUMBER.findall(text)
+            if numbers:
+                answer = numbers[-1].replace(",", "")
     if answer is None:
         return None, "no_answer"
     answer = answer.strip()

@@ -19,6 +19,7 @@ import json
 import os
 import sys
 import threading
+import traceback
 from collections.abc import Callable, Iterator
 from typing import TextIO
 
@@ -62,11 +63,19 @@ class Console:
         sys.stderr.flush()
         saved = os.dup(1), os.dup(2)
         log = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        # Python's own streams too, where they are not fd 1/2 (pytest's capture, a notebook)
+        text = os.fdopen(os.dup(log), "a", buffering=1)
         try:
             os.dup2(log, 1)
             os.dup2(log, 2)
-            yield path
+            with contextlib.redirect_stdout(text), contextlib.redirect_stderr(text):
+                try:
+                    yield path
+                except BaseException:
+                    traceback.print_exc()  # into the log, where the libraries' own tracebacks are
+                    raise
         except BaseException:
+            text.close()
             self._restore(saved, log)
             lines = tail(path)
             self.say(f"[perl] {name} failed; its log: {path}" + (f" (last {len(lines)} lines):" if lines else ""))
@@ -74,6 +83,7 @@ class Console:
                 self.say(f"    {line}")
             raise
         else:
+            text.close()
             self._restore(saved, log)
 
     @staticmethod

@@ -87,11 +87,13 @@ def prepare(argv: list[str] | argparse.Namespace):
     adapter summary). Raises ConfigError."""
     from omegaconf import open_dict
 
-    from perl.verl_glue.config import check, compose, materialize_toy, run_arithmetic, run_dir
+    from perl.verl_glue.config import (check, compose, materialize_toy, request_cpu_platform, run_arithmetic,
+                                       run_dir)
 
     args = argv if isinstance(argv, argparse.Namespace) else build_parser().parse_args(argv)
     with contextlib.redirect_stdout(sys.stderr):  # verl prints progress; stdout carries the config only
         cfg = compose(args.config, args.overrides)
+        request_cpu_platform(cfg)  # trainer.device=cpu: verl's CPU platform, whatever torch is
         toy = cfg.perl.get("toy") is not None
         if not args.dry_run and cfg.perl.get("toy") is not None:
             materialize_toy(cfg, run_dir(cfg))
@@ -227,6 +229,7 @@ def first_screen(full, summary: dict[str, Any]) -> str:
     if heldout is not None and heldout.data is not None:
         lines.append(f"held-out:   {heldout.data} (Avg@{int(heldout.k)} before and after)")
     lines += [f"data note:  {note}" for note in summary.get("data_notes", [])]
+    lines += [f"gpu note:   {note}" for note in summary.get("gpu_notes", [])]
     lines += [format_arithmetic(full.perl.derived),
               f"run dir:    {out}",
               f"            resolved config: {os.path.join(out, RESOLVED_CONFIG)}; verl/Ray/vLLM logs: "
@@ -257,15 +260,21 @@ def main(argv: list[str] | argparse.Namespace | None = None) -> int:
             print(format_arithmetic(full.perl.derived))
             print("# adapted model")
             print(format_summary(summary))
+            for note in summary.get("gpu_notes", []):
+                print(f"gpu note:   {note}")
             if full.actor_rollout_ref.rollout.name == "vllm" and not vllm_available():
                 print("note:       vLLM is not installed here; a real run needs it (pip install 'perl-rlvr[gpu]')")
         return 0
     print(first_screen(full, summary), flush=True)
     try:
         print(report(run(cfg)), flush=True)
-    except ValueError as e:  # a run directory holding other settings
+    except ValueError as e:  # a run directory holding other settings, a damaged checkpoint
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # inside verl / Ray / vLLM: the console printed the log's path and its tail
+        cause = str(e).strip().splitlines()[-1] if str(e).strip() else ""
+        print(f"error: {type(e).__name__}: {cause}", file=sys.stderr)
+        return 1
     return 0
 
 
