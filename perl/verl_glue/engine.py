@@ -217,8 +217,10 @@ class PerlFSDPEngine(FSDPEngineWithLMHead):
             return super()._build_lora_module(module)
         if not get_method(self.spec.name).trains_every_parameter:  # before the policy exists
             module.enable_input_require_grads()  # gradient checkpointing with a frozen embedding
-        # the adapter's init follows the run's seed (data.seed), without moving the rest of the RNG stream
-        with torch.random.fork_rng(devices=[]):
+        # the adapter's init follows the run's seed (data.seed), without moving the rest of the RNG
+        # streams (the CUDA one too: PiSSA/MiLoRA's randomized SVD runs on the accelerator)
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
             torch.manual_seed(int(self.perl["seed"]))
             self.policy = adapt(module, self.spec, total_steps=self.adapt_total_steps())
         model = self.policy.model
