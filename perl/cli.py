@@ -348,6 +348,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(p)  # the same options as `python -m perl.verl_glue`
     p.set_defaults(func=_cmd_train)
 
+    from perl.verl_glue import node_check
+
+    p = sub.add_parser("check", help="this node against a recipe before a run: installed versions against the pins, "
+                                     "GPUs, the memory estimate, every config check; exit 1 on a failure",
+                       epilog=USAGE_EPILOG)
+    node_check.add_arguments(p)
+    p.set_defaults(func=node_check.main)
+
     p = sub.add_parser("bench", help="benchmarks; `perl bench toy`: a study of every method on the toy task over "
                                      "seeds and learning rates, Table 3 + lr sensitivity + Figure 1")
     p.add_argument("suite", choices=("toy",))

@@ -239,6 +239,37 @@ def test_recipe_resolves_to_its_method_scale_and_the_paper_values(env, recipe):
     assert "--dry-run" in argv
 
 
+# Each recipe's GPU node: (GPUs per node, nodes, GB per GPU). The paper's runs: 8 x 80 GB (the
+# default N_GPUS; A100/H100); the token-efficient-RL recipes: the paper's one 40 GB GPU.
+NODES = {**{r: (8, 1, 80.0) for r in RECIPES}, "sgrpo_lora_qwen2_1.5b": (1, 1, 40.0),
+         "tspmo_lora_qwen2_1.5b": (1, 1, 40.0)}
+
+
+@pytest.mark.parametrize("recipe", by_scale(RECIPES))
+def test_recipe_passes_the_gpu_checks_of_its_own_node(env, recipe):
+    """The dry run (resolve) already ran every config check; here the GPU checks again, by name:
+    the rollout's layout fits the node's GPUs, dynamic batching (if on) holds a sequence, the sync
+    backend is PeRL's, and the memory estimate is below the node's GPU memory."""
+    from perl.models import build_config
+
+    argv, cfg, summary = resolve(env, recipe)
+    gpus, nodes, gpu_gb = NODES[recipe]
+    assert (cfg.trainer.n_gpus_per_node, cfg.trainer.nnodes) == (gpus, nodes)
+    r = cfg.actor_rollout_ref.rollout
+    assert gpus * nodes % (r.tensor_model_parallel_size * r.data_parallel_size * r.pipeline_model_parallel_size) == 0
+    hf = build_config(cfg.actor_rollout_ref.model.path)
+    notes = vc.gpu_run_checks(cfg, hf, summary, on_node=False)
+    assert notes == summary["gpu_notes"]
+    est = vc.estimate_memory(cfg, hf, summary["total"], summary["trainable"])
+    memory = next(n for n in notes if "memory estimate" in n)
+    assert est.total < gpu_gb and f"{est.total:.1f} GB per GPU" in memory and f"of {gpu_gb:.1f} GB" in memory
+    assert "over the GPU's memory" not in memory
+    if gpus == 1:  # the SVAMP recipes ran verl's default rollout TP 2 on their one GPU: refused, naming it
+        with pytest.raises(vc.ConfigError, match="tensor_model_parallel_size=2 x .* = 1 x 1 = 1 GPU"):
+            prepare([a for a in argv[2:] if a != "--no-path-checks"] +
+                    ["actor_rollout_ref.rollout.tensor_model_parallel_size=2"])
+
+
 @pytest.mark.parametrize("recipe", by_scale(["dapo_tinylora_1.5b", "dapo_tinylora_7b"]))
 def test_tinylora_recipes_train_the_papers_13_parameters(env, recipe):
     """TinyLoRA's recipes (arXiv 2602.04118): SVD rank 2, u=13, one vector tied across every

@@ -155,6 +155,34 @@ def test_cpu_platform_plugin_hook():
     src = _source("verl.plugin.platform.platform_manager")
     assert 'os.environ.get("VERL_PLATFORM", "")' in src
     assert os.path.exists(importlib.util.find_spec("perl.verl_glue.cpu_platform").origin)
+    # the CPU platform declines a CUDA torch (patches/README.md row 1) because of these two: verl's
+    # CUDA probe needs nvidia-smi on PATH or fixed paths, and with no platform claiming the machine
+    # verl falls back to its CUDA platform
+    cuda = _source("verl.plugin.platform.platform_cuda")
+    assert 'cmd_path = shutil.which(cmd)' in cuda and 'f"/usr/local/cuda/bin/{cmd}",' in cuda
+    assert "if cmd_path is None:\n                    return False" in cuda
+    assert 'Falling back to \'nvidia\'.' in src and 'return "nvidia"' in src
+
+
+def test_checkpoint_engine_backends_are_the_ones_the_gpu_check_knows():
+    """config/gpu_checks.py refuses every backend but naive before Ray, naming verl's others;
+    delta_sharded because it exports through the engine's get_per_tensor_param_shard (verl's shards
+    of the unmerged parameters), not the merged get_per_tensor_param PerlFSDPEngine overrides."""
+    import glob
+    import re
+
+    import verl
+
+    from perl.verl_glue.config.gpu_checks import SYNC_BACKENDS, VERL_BACKENDS
+    from perl.verl_glue.engine import PerlFSDPEngine
+
+    names = set()
+    for path in glob.glob(os.path.join(os.path.dirname(verl.__file__), "checkpoint_engine", "*.py")):
+        names |= set(re.findall(r'@CheckpointEngineRegistry\.register\("([^"]+)"\)', open(path).read()))
+    assert names == set(SYNC_BACKENDS) | set(VERL_BACKENDS)
+    assert "engine.get_per_tensor_param_delta_shard()" in _source("verl.checkpoint_engine.delta_checkpoint_engine")
+    assert "gen, _ = self.get_per_tensor_param_shard()" in _source("verl.workers.engine.base")
+    assert "get_per_tensor_param" in PerlFSDPEngine.__dict__  # the merged export, what naive sends
 
 
 def test_entry_point_hands_over_to_verls_own_runner():

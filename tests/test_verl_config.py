@@ -200,7 +200,7 @@ def test_missing_vllm_is_an_error_for_a_run_but_not_for_a_dry_run(paths, capsys,
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
     assert not vc.vllm_available()
-    with pytest.raises(vc.ConfigError, match="pip install 'perl-rlvr\\[gpu\\]' on a GPU node"):
+    with pytest.raises(vc.ConfigError, match="pip install -e '.\\[gpu\\]' -c constraints/gpu.txt on a GPU node"):
         vc.check_vllm(vc.compose({}, ready(paths)))
     with pytest.raises(vc.ConfigError, match="bash scripts/setup_env.sh` installs its CPU build"):
         vc.check_vllm(vc.compose({}, ready(paths, "trainer.device=cpu")))

@@ -13,6 +13,7 @@
 - `trainer.py`  `PerlSyncTrainer`, verl's sync V1 trainer whose advantage step also reads the
                 response ids (T-SPMO), and `PerlTaskRunner`, which registers it in Ray;
 - `entry.py`    `python -m perl.verl_glue --config X [--dry-run] key=value ...` / `perl train`;
+- `node_check.py` `perl check --config X`: this node against a run (versions, GPUs, memory, the checks);
 - `run_dir.py`  the run directory: verl's checkpoints, `perl_adapter/`, metrics, summary, resume identity;
 - `checkpoints.py`  a manifest after each save, verified before a resume (a damaged checkpoint is skipped);
 - `heldout.py`  held-out Avg@k before and after a run (vLLM or HF backend);

@@ -19,8 +19,12 @@ What the trainer needs on CPU, and where each piece is answered:
 - the vLLM server: `rollout_env_vars()` (KV-cache size, thread binding) and PeRL's vLLM plugin
   (perl.verl_glue.vllm_cpu_plugin) that keeps weights updatable.
 
-Selection: only where no other registered platform (CUDA, ROCm, NPU, ...) claims the machine, or
-explicitly with `VERL_PLATFORM=cpu`. A GPU node is never run on CPU by accident.
+Selection (`cpu_claims_machine`): explicitly with `VERL_PLATFORM=cpu` (trainer.device=cpu sets it
+for the run's processes, perl.verl_glue.config.cpu), or where torch is a CPU build (no CUDA, no
+ROCm) and no other registered platform claims the machine. Not where torch is a CUDA build: verl's
+CUDA probe looks for nvidia-smi on fixed paths (plugin/platform/platform_cuda.py) and a container
+without it is still a GPU node; there verl falls back to its CUDA platform, and the config check
+says so plainly if torch then sees no GPU. A GPU node is never run on CPU by accident.
 """
 
 from __future__ import annotations
@@ -123,6 +127,19 @@ class _CPUDeviceModule(types.ModuleType):
 _DEVICE_MODULE = _CPUDeviceModule()
 
 
+def torch_is_cpu_build() -> bool:
+    """torch was built without CUDA and without ROCm (the CPU wheel)."""
+    return torch.version.cuda is None and getattr(torch.version, "hip", None) is None
+
+
+def cpu_claims_machine() -> bool:
+    """Whether verl's auto-detection picks the CPU platform here. (With VERL_PLATFORM set, verl takes
+    that platform without asking; the check here keeps this function's answer the same.)"""
+    if os.environ.get("VERL_PLATFORM", "").strip().lower() == PLATFORM_NAME:
+        return True
+    return torch_is_cpu_build() and not _other_platform_claims_machine()
+
+
 def _other_platform_claims_machine() -> bool:
     """Whether a platform registered before this one (CUDA, ROCm, NPU, ...) finds its hardware."""
     for name in PlatformRegistry.registered_names():
@@ -157,7 +174,7 @@ class PlatformCPU(PlatformBase):
         return True
 
     def is_platform_available(self, use_smi_check: bool = False) -> bool:
-        return not _other_platform_claims_machine()
+        return cpu_claims_machine()
 
     def current_device(self) -> str:
         return "cpu"

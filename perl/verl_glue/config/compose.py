@@ -20,6 +20,7 @@ from perl.methods.catalog import METHODS
 from .cpu import CPU_DEVICE, cpu_settings
 from .derive import derive, loss_mode_overrides
 from .errors import ConfigError
+from .gpu import gpu_settings
 from .layers import UserLayers, merge, nested, open_free_form, parse_overrides, pick
 from .toy import TOY_KEYS
 
@@ -134,6 +135,8 @@ def compose(user: DictConfig | Mapping | str | None = None, overrides: Sequence[
                                    "perl.toy to train another model or data")
     if cfg.trainer.device == CPU_DEVICE:
         cfg = cpu_settings(cfg, users)
+    else:  # without flash-attn on this node: sdpa, no remove-padding (config/gpu.py)
+        cfg = gpu_settings(cfg, users)
     derive(cfg)
     return cfg
 

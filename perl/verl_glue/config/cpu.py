@@ -18,6 +18,7 @@ from .layers import UserLayers, merge, nested
 from .errors import ConfigError
 
 CPU_DEVICE = "cpu"
+PLATFORM_ENV = "VERL_PLATFORM"  # verl's explicit platform choice (plugin/platform/platform_manager.py)
 CPU_YAML = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu.yaml")
 # How often the dynamic-sampling buffer looks for finished groups (s): verl's default on a GPU node;
 # a CPU step generates in about a second, and a 2 s poll would round every step up to 2 s.
@@ -47,7 +48,7 @@ def cpu_defaults() -> dict[str, Any]:
 def cpu_settings(cfg: DictConfig, users: UserLayers) -> DictConfig:
     """`CPU_REQUIRED`, and the CPU profile's defaults where the recipe and the overrides leave them
     unset; Ray gets one logical "GPU" slot per worker (the CPU platform's placement tokens, see
-    perl.verl_glue.cpu_platform)."""
+    perl.verl_glue.cpu_platform), and VERL_PLATFORM=cpu in its processes' environment."""
     layer: dict[str, Any] = {}
     for key, required in CPU_REQUIRED.items():
         value, where = users.value(key)
@@ -59,7 +60,17 @@ def cpu_settings(cfg: DictConfig, users: UserLayers) -> DictConfig:
         if users.value(key)[0] is None:
             layer[key] = default
     layer["ray_kwargs.ray_init.num_gpus"] = int(cfg.trainer.n_gpus_per_node) * int(cfg.trainer.nnodes)
+    # the user asked for the CPU platform: every Ray process of the run selects it (request_cpu_platform)
+    layer[f"ray_kwargs.ray_init.runtime_env.env_vars.{PLATFORM_ENV}"] = CPU_DEVICE
     return merge(cfg, nested(layer), "trainer.device=cpu settings", allow_new=True)
+
+
+def request_cpu_platform(cfg: DictConfig) -> None:
+    """trainer.device=cpu asks for verl's CPU platform (perl.verl_glue.cpu_platform): in this process
+    (the driver; a local Ray inherits it) unless VERL_PLATFORM is set already. Elsewhere the CPU
+    platform claims a machine only when torch is a CPU build. Call before verl resolves its platform."""
+    if cfg.trainer.device == CPU_DEVICE:
+        os.environ.setdefault(PLATFORM_ENV, CPU_DEVICE)
 
 
 def poll_interval(cfg: DictConfig) -> float:
