@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_smollm2_example_trains_through_verl_on_real_weights(tmp_path):
+def test_smollm2_example_learns_through_verl_on_real_weights(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -24,24 +24,23 @@ def test_smollm2_example_trains_through_verl_on_real_weights(tmp_path):
 
     run = tmp_path / "run"
     cache = os.environ.get("PERL_TEST_CACHE") or str(tmp_path / "cache")
+    # the example's own settings, 6 of its 8 steps: measured, held-out Avg@4 on 64 problems went
+    # 0.434 -> 0.922 in 8 steps (two seeds in docs/benchmarks.md); train accuracy passes 0.8 by step 6
     cmd = [sys.executable, "-m", "perl.verl_glue", "--config", os.path.join(ROOT, "examples", "smollm2_arith.yaml"),
-           f"trainer.default_local_dir={run}", "trainer.total_training_steps=2", "trainer.save_freq=2",
-           "trainer.logger=[console]", "actor_rollout_ref.rollout.n=4", "perl.toy.heldout_size=8", "perl.heldout.k=1",
-           # one prompt a step: at ~5% sampled accuracy most groups are all-wrong, and dynamic sampling
-           # generates until one has a reward that differs (each refill ~4 s on 2 cores)
-           "data.train_batch_size=1", "actor_rollout_ref.actor.ppo_mini_batch_size=1",
-           "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=4", "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=4",
-           "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu=4",
-           "algorithm.filter_groups.max_num_gen_batches=20"]
+           f"trainer.default_local_dir={run}", "trainer.total_training_steps=6", "trainer.save_freq=6",
+           "trainer.logger=[console]"]
     env = dict(os.environ, PERL_CACHE=cache, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1500, cwd=ROOT)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800, cwd=ROOT)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     metrics = [json.loads(x) for x in open(run / "metrics.jsonl")]
-    assert [m["step"] for m in metrics] == [1, 2] and all(0.0 <= m["critic/score/mean"] <= 1.0 for m in metrics)
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6] and all(0.0 <= m["critic/score/mean"] <= 1.0 for m in metrics)
     summary = json.load(open(run / "summary.json"))
-    assert summary["method"] == "lora" and 0 < summary["trainable_percent"] < 2 and summary["eval_problems"] == 8
+    assert summary["method"] == "lora" and 0 < summary["trainable_percent"] < 2 and summary["eval_problems"] == 64
+    # it learns, well beyond the evaluation's noise (256 samples: a standard error of ~0.03 a side)
+    assert 0.15 <= summary["eval_before"] <= 0.6, summary  # the example starts where RL has room
+    assert summary["gain"] >= 0.15, summary
     samples = [json.loads(x) for x in open(run / "heldout.samples.jsonl")]
-    assert len(samples) == 8 and all(s["completion"] for s in samples)  # decoded by the real BPE tokenizer
+    assert len(samples) == 64 * 4 and all(s["completion"] for s in samples)  # decoded by the real BPE tokenizer
     assert not any(s["status"] == "no_think" for s in samples)  # scored by the recipe's rules (require_think: false)
 
     os.environ["PERL_CACHE"] = cache
@@ -51,7 +50,7 @@ def test_smollm2_example_trains_through_verl_on_real_weights(tmp_path):
         del os.environ["PERL_CACHE"]
     tok = AutoTokenizer.from_pretrained(base_dir)
     assert tok.eos_token == "<|im_end|>"  # the GGUF's metadata, not transformers' conversion
-    trained = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir(str(run), 2))
+    trained = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir(str(run), 6))
     lora_b = [p for n, p in trained.named_parameters() if "lora_B" in n]
     assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # B starts at 0: the update reached the adapter
     ids = torch.tensor([tok.encode("What is 2 + 3?")])
