@@ -448,8 +448,8 @@ class PerlFSDPEngine(FSDPEngineWithLMHead):
         raise NotImplementedError(
             f"actor_rollout_ref.rollout.checkpoint_engine.backend=delta_sharded is not supported with "
             f"peft.name={self.policy.name}: its shard export sends the unmerged peft parameters, not the merged "
-            "weights the rollout serves. Use a backend that syncs whole merged tensors (naive, the default; nccl, nixl, "
-            "hccl)")
+            "weights the rollout serves. Use the naive backend (the default; the one the config check allows, "
+            "perl/verl_glue/config/gpu_checks.py)")
 
     def _merged(self) -> Iterator[tuple[str, torch.Tensor]]:
         from perl.sync import merged_weights
