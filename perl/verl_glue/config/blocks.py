@@ -124,9 +124,3 @@ def read_block(cls: type, node: DictConfig | dict | None, where: str, hint: str 
 
 def help_of(cls: type, name: str) -> str:
     return next(f.metadata.get("help", "") for f in dataclasses.fields(cls) if f.name == name)
-
-
-def describe(cls: type, prefix: str) -> list[str]:
-    """One line per field: `prefix.name (default): help` (for docs and error messages)."""
-    return [f"{prefix}.{f.name} ({f.default if f.default is not dataclasses.MISSING else f.default_factory()!r}): "
-            f"{f.metadata.get('help', '')}" for f in dataclasses.fields(cls)]

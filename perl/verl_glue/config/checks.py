@@ -194,7 +194,7 @@ def model_source(cfg: DictConfig):
     """The run's model for its shape: the local HF directory, or the toy's config in a dry run
     before its cold start exists. A remote path is refused (its config.json is not at hand)."""
     if toy.enabled(cfg) and not os.path.isdir(cfg.actor_rollout_ref.model.path):
-        return toy.toy_model_config(cfg)
+        return toy.toy_task(cfg).model_shape()
     path = model_dir(cfg)
     if is_remote(path):
         raise ConfigError(f"actor_rollout_ref.model.path: {path} is remote; the config check needs its config.json")

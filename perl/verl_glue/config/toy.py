@@ -41,12 +41,6 @@ def toy_paths(cfg: DictConfig, run_dir: str) -> None:
             cfg.perl.heldout.data = paths["heldout"]
 
 
-def toy_model_config(cfg: DictConfig):
-    """The shape of the toy's model before it is built (a dry run): the cold start's config, or the
-    pretrained model's directory (a GGUF is converted here, once)."""
-    return toy_task(cfg).model_shape()
-
-
 def materialize_toy(cfg: DictConfig, run_dir: str, progress: bool = True) -> None:
     """Build (once, cached) the toy's cold start and write its data sets, where perl.toy is set."""
     if enabled(cfg):
