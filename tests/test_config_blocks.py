@@ -174,6 +174,23 @@ def test_a_truncated_shard_is_found_and_the_run_resumes_from_the_newest_intact_c
         resume_plan(str(run))
 
 
+def test_a_marker_naming_a_missing_checkpoint_resumes_from_the_newest_intact_one(tmp_path):
+    """A checkpoint directory gone from under its marker (deleted by hand): nothing to move aside."""
+    import shutil
+
+    from perl.verl_glue.checkpoints import resume_plan
+    from perl.verl_glue.run_dir import latest_step
+
+    run = tmp_path / "run"
+    for step in (2, 4):
+        fake_checkpoint(run, step)
+    shutil.rmtree(run / "global_step_4")
+    plan = resume_plan(str(run))
+    assert plan.step == 2 and latest_step(str(run)) == 2
+    assert "global_step_4 is missing" in plan.messages[0] and "moved" not in plan.messages[1]
+    assert sorted(os.listdir(run)) == ["global_step_2", "latest_checkpointed_iteration.txt"]
+
+
 def test_a_save_cut_by_a_kill_or_a_full_disk_leaves_the_previous_checkpoint_resumable(tmp_path, monkeypatch):
     from perl.verl_glue import checkpoints
     from perl.verl_glue.run_dir import latest_step

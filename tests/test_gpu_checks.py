@@ -350,3 +350,23 @@ def test_read_pins():
     pins = read_pins(os.path.join(ROOT, "constraints", "gpu.txt"))
     assert pins["torch"] == "2.11.0" and pins["vllm"] == "0.24.0" and pins["transformers"] == "5.9.0"
     assert pins["ray"] == "2.55.1" and pins["tensordict"] == "0.10.0" and pins["flash-attn"] == "2.8.3"
+
+
+# ------------------------------------------------------------------------------------------------
+# several nodes: the run directory the driver reads after training
+# ------------------------------------------------------------------------------------------------
+
+
+def test_several_nodes_with_a_heldout_evaluation_note_that_the_run_dir_must_be_shared(paths, capsys):
+    two = ready(paths, "trainer.nnodes=2", f"perl.heldout.data={paths['val']}", "trainer.save_freq=1")
+    notes = vc.check(vc.compose({}, two), require_vllm=False)["gpu_notes"]
+    shared = [n for n in notes if n.startswith("trainer.nnodes=2 with a held-out evaluation")]
+    assert len(shared) == 1 and "must be on a filesystem every node shares" in shared[0]
+    assert "perl.heldout.data=null" in shared[0]
+    capsys.readouterr()
+    assert main(["--dry-run", *two]) == 0  # a note, not an error
+    assert "gpu note:   trainer.nnodes=2 with a held-out evaluation" in capsys.readouterr().out
+    # one node, or no held-out evaluation: nothing to say
+    one = ready(paths, f"perl.heldout.data={paths['val']}", "trainer.save_freq=1")
+    assert gpu_checks.shared_run_dir_note(vc.compose({}, one)) is None
+    assert gpu_checks.shared_run_dir_note(vc.compose({}, ready(paths, "trainer.nnodes=2"))) is None

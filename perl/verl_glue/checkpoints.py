@@ -15,12 +15,22 @@ checkpoint, and the console says which file was damaged and which step the run r
 alternative, refusing, would leave the user to do exactly that by hand; the damaged directory
 stays for inspection either way. With no intact checkpoint left the run is refused, naming the
 damaged file. Written by hand: verl 0.9.1 has no checkpoint verification.
+
+Where each file is written matters on several nodes (`trainer.nnodes > 1`) when
+`trainer.default_local_dir` is each node's own disk: every actor rank writes its shards on its node,
+actor rank 0 writes `perl_adapter/` and `perl_state.pt` on its node, and verl's trainer process (a Ray
+actor, which Ray usually places on the driver's node) writes `data.pt`, the marker and the manifest on
+its node. verl itself needs no shared filesystem (each rank reloads its own shards; the engine's rank
+0 reads `perl_state.pt` and broadcasts it), but the driver reads the adapter and the marker after
+training for the held-out evaluation. A file it misses there raises `NotOnThisNode`, which says why
+and what to do, instead of a bare FileNotFoundError.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 from dataclasses import dataclass, field
 
@@ -30,6 +40,28 @@ from perl.verl_glue.run_dir import LATEST, latest_step
 MANIFEST = "perl_manifest.json"
 HASHED_UP_TO = 64 << 20  # files up to 64 MiB are hashed (configs, adapters, the toy's shards); larger ones: size
 STEP_PREFIX = "global_step_"
+
+
+class NotOnThisNode(ValueError):
+    """A file of the run directory that the driver needs is not on the driver's node (see the module
+    docstring); `perl train` prints it as one error line (exit 2)."""
+
+
+def not_on_this_node(path: str, needed_for: str, nnodes: int, *, otherwise: str,
+                     later: str | None = None) -> NotOnThisNode:
+    """The error for a missing `path` that `needed_for` reads. With several nodes the likely cause is
+    a node-local run directory, and the fix is a shared one (or evaluating later, `later`, on the
+    node that has the checkpoint); on one node it is not, and `otherwise` says what is."""
+    if int(nnodes) <= 1:
+        return NotOnThisNode(f"{path} is missing, and {needed_for} needs it: {otherwise}")
+    fix = ("put trainer.default_local_dir on a filesystem every node mounts (NFS, a cluster filesystem)"
+           + ("" if later is None else f", or run with perl.heldout.data=null and evaluate on the node that "
+                                       f"has the checkpoint afterwards: {later}"))
+    return NotOnThisNode(
+        f"{path} is missing on this node ({socket.gethostname()}), and {needed_for} needs it. With "
+        f"trainer.nnodes={nnodes}, verl's rank 0 and its trainer process write the adapter and {LATEST} on "
+        f"their own nodes, and the driver reads them only where trainer.default_local_dir is shared by all "
+        f"nodes. To fix it, {fix}")
 
 
 def step_dir(run_dir: str, step: int) -> str:
@@ -121,11 +153,14 @@ def resume_plan(run_dir: str) -> ResumePlan:
     if not intact:
         raise ValueError(f"{what}; no intact checkpoint before it. Move {damaged} away (or delete the run "
                          "directory) to start over")
-    aside = f"{damaged}.damaged-{time.strftime('%Y%m%d-%H%M%S')}"
-    os.replace(damaged, aside)
+    moved = ""
+    if os.path.isdir(damaged):  # a marker naming a directory that is gone (deleted by hand): nothing to move
+        aside = f"{damaged}.damaged-{time.strftime('%Y%m%d-%H%M%S')}"
+        os.replace(damaged, aside)
+        moved = f"moved it to {aside}; "
     from perl.io import atomic_file
 
     with atomic_file(os.path.join(run_dir, LATEST)) as tmp, open(tmp, "w") as f:
         f.write(str(intact[0]))
-    return ResumePlan(intact[0], [f"[perl] {what}", f"[perl] moved it to {aside}; resuming from checkpoint "
-                                                    f"{intact[0]}, the newest intact one"])
+    return ResumePlan(intact[0], [f"[perl] {what}",
+                                  f"[perl] {moved}resuming from checkpoint {intact[0]}, the newest intact one"])

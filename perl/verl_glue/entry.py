@@ -125,6 +125,37 @@ def train(cfg) -> None:
             ray.shutdown()  # frees the trainer's processes before the evaluation starts its own vLLM
 
 
+def checkpoint_on_driver(full, out: str, step: int, *, fresh: bool, say=print) -> float | None:
+    """What the held-out evaluation after training reads of checkpoint `step`, checked on this (the
+    driver's) node before it starts: the marker's step and, when `final_model/` must be merged from
+    it, the adapter; refused with perl.verl_glue.checkpoints.NotOnThisNode (on several nodes a
+    node-local run directory is the likely cause, see there). Returns the adapter's trainable
+    percent for summary.json, None (said in one line) when its metadata is not here: only a label."""
+    from perl.methods.base import METADATA_FILE
+    from perl.verl_glue import heldout as ho
+    from perl.verl_glue.checkpoints import not_on_this_node
+    from perl.verl_glue.run_dir import LATEST, adapter_dir
+
+    nnodes = int(full.trainer.nnodes)
+    if step == 0:
+        later = ho.eval_command(full, adapter_dir(out, "N"), os.path.join(out, "eval_after"))
+        raise not_on_this_node(os.path.join(out, LATEST), "the held-out evaluation after training", nnodes,
+                               otherwise=f"no checkpoint was saved (trainer.save_freq={full.trainer.save_freq})",
+                               later=f"{later} (N: the step that node's {LATEST} names)")
+    adapter = adapter_dir(out, step)
+    meta = os.path.join(adapter, METADATA_FILE)
+    if ho.needs_export(out, step, fresh=fresh) and not os.path.exists(meta):
+        raise not_on_this_node(meta, f"the held-out evaluation after training (merging step {step}'s adapter)",
+                               nnodes, otherwise=f"checkpoint {step} is incomplete (moved or deleted?)",
+                               later=ho.eval_command(full, adapter, os.path.join(out, "eval_after")))
+    if not os.path.exists(meta):
+        say(f"[perl] {meta} is not on this node: summary.json has no trainable_percent "
+            f"(the evaluation reuses {os.path.join(out, ho.FINAL_MODEL)}, merged from step {step})")
+        return None
+    with open(meta) as f:
+        return json.load(f).get("trainable_percent")
+
+
 def run(cfg, console=None) -> dict[str, Any]:
     """One whole run (see the module docstring); returns summary.json's content. `console`
     (perl.verl_glue.console.Console): where the libraries' output goes; by default the run's own,
@@ -136,7 +167,6 @@ def run(cfg, console=None) -> dict[str, Any]:
     from perl.verl_glue.config import resolved, run_dir
     from perl.verl_glue.checkpoints import resume_plan
     from perl.verl_glue.console import Console
-    from perl.methods.base import METADATA_FILE
     from perl.verl_glue.run_dir import (METRICS_FILE, RESOLVED_CONFIG, SUMMARY, adapter_dir, claim,
                                         keep_metrics_up_to, latest_step, plot_reward_curve, progress_line,
                                         resuming_line)
@@ -178,10 +208,7 @@ def run(cfg, console=None) -> dict[str, Any]:
                                "lr": float(full.actor_rollout_ref.actor.optim.lr),
                                "run_dir": out, "reward_curve": curve}
     if with_heldout:
-        if step == 0:
-            raise ValueError(f"{out} has no checkpoint after training (trainer.save_freq={full.trainer.save_freq})")
-        with open(os.path.join(adapter_dir(out, step), METADATA_FILE)) as f:
-            trainable = json.load(f).get("trainable_percent")
+        trainable = checkpoint_on_driver(full, out, step, fresh=step != start_step, say=console.say)
         info = {"label": run_label(method, str(full.perl.loss_mode)), "method": method, "trainable_percent": trainable,
                 "checkpoint": adapter_dir(out, step), "metrics": os.path.join(out, "metrics.jsonl")}
         with console.phase("eval_after"):
@@ -268,7 +295,7 @@ def main(argv: list[str] | argparse.Namespace | None = None) -> int:
     print(first_screen(full, summary), flush=True)
     try:
         print(report(run(cfg)), flush=True)
-    except ValueError as e:  # a run directory holding other settings, a damaged checkpoint
+    except ValueError as e:  # a run directory holding other settings, a damaged checkpoint, one not on this node
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # inside verl / Ray / vLLM: the console printed the log's path and its tail

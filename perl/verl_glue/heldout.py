@@ -27,6 +27,7 @@ HELDOUT = "heldout"  # the benchmark's name in results.json
 BEFORE_DIR = "eval_before"
 FINAL_MODEL = "final_model"
 RESULTS = "results.json"
+STEP_STAMP = "perl_step.json"  # in final_model/: the checkpoint step it was merged from
 
 
 def eval_settings(cfg: DictConfig):
@@ -126,6 +127,29 @@ def evaluate_before(cfg: DictConfig, run_dir: str) -> dict[str, Any]:
     return json.load(open(os.path.join(out, RESULTS)))
 
 
+def needs_export(run_dir: str, step: int, *, fresh: bool) -> bool:
+    """Whether `evaluate_after` merges checkpoint `step` (and so reads its adapter) or reuses the
+    `final_model/` merged from it before."""
+    stamp = os.path.join(run_dir, FINAL_MODEL, STEP_STAMP)
+    return fresh or not os.path.exists(stamp) or json.load(open(stamp)).get("step") != step
+
+
+def eval_command(cfg: DictConfig, adapter: str, out_dir: str) -> str:
+    """The `perl eval` command that scores `adapter` as the "after" evaluation does (same data, k,
+    seed, sampling and reward rules, so still paired with eval_before/): what to run on the node that
+    has the checkpoint when the driver's node does not (perl.verl_glue.checkpoints.NotOnThisNode)."""
+    import shlex
+
+    settings = eval_settings(cfg)
+    argv = ["perl", "eval", "--model", str(cfg.actor_rollout_ref.model.path), "--adapter", adapter,
+            "--data", f"{HELDOUT}={cfg.perl.heldout.data}", "--k", str(settings.k[HELDOUT]),
+            "--seed", str(settings.seed), "--temperature", str(settings.sampling.temperature),
+            "--top-p", str(settings.sampling.top_p), "--max-new-tokens", str(settings.sampling.max_new_tokens)]
+    for key, value in reward_kwargs(cfg).items():
+        argv += ["--reward", f"{key}={value if isinstance(value, str) else json.dumps(value)}"]
+    return shlex.join(argv + ["--out", out_dir])
+
+
 def evaluate_after(cfg: DictConfig, run_dir: str, step: int, run_info: dict[str, Any], *, fresh: bool) -> dict[str, Any]:
     """The last checkpoint's policy on the held-out set: merged into `<run dir>/final_model`, then
     `perl eval` into the run directory itself (`results.json`, `heldout.samples.jsonl`).
@@ -134,8 +158,7 @@ def evaluate_after(cfg: DictConfig, run_dir: str, step: int, run_info: dict[str,
     from perl.verl_glue.run_dir import adapter_dir
 
     final = os.path.join(run_dir, FINAL_MODEL)
-    stamp = os.path.join(final, "perl_step.json")
-    if fresh or not os.path.exists(stamp) or json.load(open(stamp)).get("step") != step:
+    if needs_export(run_dir, step, fresh=fresh):
         for stale in (f"{HELDOUT}.samples.jsonl", RESULTS):
             if os.path.exists(os.path.join(run_dir, stale)):
                 os.remove(os.path.join(run_dir, stale))
@@ -143,7 +166,7 @@ def evaluate_after(cfg: DictConfig, run_dir: str, step: int, run_info: dict[str,
         export_adapter_merged(base, adapter_dir(run_dir, step), final,
                               dtype="fp32" if cfg.trainer.device == "cpu" else "bf16", tokenizer_dir=base,
                               progress=False)
-        with open(stamp, "w") as f:
+        with open(os.path.join(final, STEP_STAMP), "w") as f:
             json.dump({"step": step, "adapter": adapter_dir(run_dir, step)}, f)
     return evaluate_dir(cfg, final, run_dir, run_info)
 

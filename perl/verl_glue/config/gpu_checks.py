@@ -8,7 +8,9 @@
   `delta_sharded` sends shards of the unmerged parameters (`get_per_tensor_param_shard`);
 - flash-attn where the config needs it (gpu.py), on this node;
 - an estimate of the per-GPU peak memory of logits and activations at the configured lengths,
-  against the GPU's memory: a warning naming the knobs, not an error (`estimate_memory`).
+  against the GPU's memory: a warning naming the knobs, not an error (`estimate_memory`);
+- several nodes with a held-out evaluation: a note that the run directory must be shared
+  (`shared_run_dir_note`; whether it is cannot be seen from one node).
 """
 
 from __future__ import annotations
@@ -212,15 +214,29 @@ def available_gb(cfg: DictConfig, gpu_gb: float) -> float:
     return gpu_gb if asleep else gpu_gb * (1 - float(rollout.gpu_memory_utilization))
 
 
+def shared_run_dir_note(cfg: DictConfig) -> str | None:
+    """With trainer.nnodes > 1 the held-out evaluation after training, on the driver's node, reads
+    the adapter verl's rank 0 wrote on its own node (perl.verl_glue.checkpoints): a note before the
+    run, since a node-local directory is only found out after training."""
+    heldout = cfg.perl.get("heldout")
+    if int(cfg.trainer.nnodes) <= 1 or heldout is None or heldout.get("data") is None:
+        return None
+    return (f"trainer.nnodes={cfg.trainer.nnodes} with a held-out evaluation (perl.heldout.data): the driver "
+            f"reads the last checkpoint's adapter, which verl's rank 0 writes on its node, so "
+            f"trainer.default_local_dir ({cfg.trainer.default_local_dir}) must be on a filesystem every node "
+            "shares (NFS); otherwise set perl.heldout.data=null and run `perl eval` on that node afterwards")
+
+
 def gpu_run_checks(cfg: DictConfig, hf, summary: dict, *, on_node: bool) -> list[str]:
     """Every check above (ConfigError on the first failure); returns the notes to show: the memory
-    estimate (GPU runs) and the attention choice. `on_node`: this machine runs it (not a dry run)."""
+    estimate (GPU runs), the attention choice and the shared run directory of a multi-node run.
+    `on_node`: this machine runs it (not a dry run)."""
     check_parallel(cfg, hf)
     check_token_budgets(cfg)
     check_sync_backend(cfg)
+    notes = [note for note in (shared_run_dir_note(cfg),) if note]
     if cfg.trainer.device == CPU_DEVICE:
-        return []
-    notes = []
+        return notes
     if on_node:
         check_flash_attn(cfg)
     elif needs_flash_attn(cfg) and not gpu.flash_attn_available():
