@@ -309,3 +309,49 @@ def test_the_per_request_warning_is_shown_once_per_process(caplog):
         wiring.infer_continuous_token_model_family(hf_model_type="perl_other_model")
     warnings = [r.getMessage() for r in caplog.records if "Continuous Token builder" in r.getMessage()]
     assert len(warnings) == 2 and "perl_no_such_model" in warnings[0] and "perl_other_model" in warnings[1]
+
+
+def test_agent_loop_manager_hook_and_the_worker_internals_perl_reuses():
+    """perl/verl_glue/agent_loop.py: verl's manager hook, the worker class it swaps in, the
+    per-completion method it re-implements (with the agent loop cached) and the reward-handle call
+    its in-process reward stands in for."""
+    runner = _source("verl.trainer.main_ppo")
+    assert 'manager_class_fqn = self.config.actor_rollout_ref.rollout.get("agent", {}).get("agent_loop_manager_class")' in runner
+    tq = _source("verl.trainer.ppo.v1.agent_loop_tq")
+    assert "self.agent_loop_workers_class = AgentLoopWorkerTQ\n        super().__init__(*args, **kwargs)" in tq
+    loop = _source("verl.experimental.agent_loop.agent_loop")
+    # the whole of verl's _run_agent_loop: PeRL's copy differs only in where the agent loop comes from
+    start = loop.index("    async def _run_agent_loop(")
+    body = loop[start:loop.index("    def _pad_token_ids(", start)]
+    import hashlib
+
+    assert hashlib.sha256(body.encode()).hexdigest()[:16] == "57d6aad1b1abb272"  # verl 0.9.1's, unchanged
+    assert "agent_loop = hydra.utils.instantiate(" in body
+    assert "output: AgentLoopOutput = await agent_loop.run(sampling_params, **kwargs)" in body
+    assert 'return await self._agent_loop_postprocess(output, trajectory["validate"], **kwargs)' in body
+    assert "selected_reward_loop_worker_handle = random.choice(self.reward_loop_worker_handles)" in loop
+    assert "result = await selected_reward_loop_worker_handle.compute_score.remote(data)" in loop
+    assert "enable_async_reward = self.reward_loop_worker_handles is not None" in loop
+    # the one loop PeRL caches keeps no per-trajectory state: run() writes nothing to self
+    single = _source("verl.experimental.agent_loop.single_turn_agent_loop")
+    run = single[single.index("    async def run("):]
+    assert "self." in run and not any(line.strip().startswith("self.") and "=" in line.split("(")[0]
+                                      for line in run.splitlines())
+    reward = _source("verl.experimental.reward_loop.reward_loop")
+    assert "    def __init__(self, config: DictConfig, reward_router_address: str = None):" in reward
+    assert "self.reward_loop_workers_class.options(" in reward and "num_workers = self.config.reward.num_workers" in reward
+
+
+def test_vllm_cpu_keeps_the_uni_executor_only_without_v1_multiprocessing():
+    """perl/verl_glue/config/cpu.yaml sets VLLM_ENABLE_V1_MULTIPROCESSING=0 so that vLLM's CPU
+    platform leaves distributed_executor_backend=uni alone; verl's server (AsyncLLM) keeps its own
+    engine-core process whatever the variable says."""
+    import vllm
+
+    root = os.path.dirname(vllm.__file__)
+    with open(os.path.join(root, "platforms", "cpu.py")) as f:
+        cpu = f.read()
+    assert ('os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") == "1"\n'
+            '            and parallel_config.distributed_executor_backend == "uni"') in cpu
+    with open(os.path.join(root, "v1", "engine", "async_llm.py")) as f:
+        assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in f.read()

@@ -22,7 +22,7 @@ PLATFORM_ENV = "VERL_PLATFORM"  # verl's explicit platform choice (plugin/platfo
 CPU_YAML = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu.yaml")
 # How often the dynamic-sampling buffer looks for finished groups (s): verl's default on a GPU node;
 # a CPU step generates in about a second, and a 2 s poll would round every step up to 2 s.
-GPU_POLL_S, CPU_POLL_S = 2.0, 0.2
+GPU_POLL_S, CPU_POLL_S = 2.0, 0.05
 CPU_REQUIRED: dict[str, Any] = {
     "actor_rollout_ref.rollout.enable_sleep_mode": False,  # vLLM's sleep mode is CUDA-only
     "actor_rollout_ref.rollout.free_cache_engine": False,  # frees the KV cache through sleep mode

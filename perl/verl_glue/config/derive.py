@@ -28,6 +28,9 @@ ENGINE_LIB = "perl.verl_glue.engine"
 REWARD_PATH = "pkg://perl.reward.verl_reward"
 SAMPLER_PATH = "pkg://perl.verl_glue.sampler"
 SAMPLER_NAME = "PerlReplayBuffer"
+# verl's agent-loop manager with PeRL's worker (perl/verl_glue/agent_loop.py); a string, so that
+# composing a config does not import Ray
+AGENT_LOOP_MANAGER = "perl.verl_glue.agent_loop.PerlAgentLoopManager"
 # PeRL's sync trainer (perl.verl_glue.trainer): verl's, plus the run log and the T-SPMO advantage step.
 PERL_TRAINER_MODE = "perl_sync"
 SYNC_TRAINER_MODES = ("sync", PERL_TRAINER_MODE)
@@ -165,6 +168,16 @@ def derive(cfg: DictConfig) -> None:
         model.external_lib = libs[0] if len(libs) == 1 else libs
     wire_reward(cfg)
     wire_sampler(cfg)
+    wire_agent_loop(cfg)
+
+
+def wire_agent_loop(cfg: DictConfig) -> None:
+    """PeRL's agent-loop manager (one agent loop per worker; in-process scoring with
+    reward.num_workers=0), unless the recipe names its own."""
+    agent = cfg.actor_rollout_ref.rollout.agent
+    with open_dict(agent):
+        if not agent.get("agent_loop_manager_class"):
+            agent.agent_loop_manager_class = AGENT_LOOP_MANAGER
 
 
 def wire_reward(cfg: DictConfig) -> None:

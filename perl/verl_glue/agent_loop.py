@@ -1,0 +1,112 @@
+"""PeRL's agent-loop manager: verl's TransferQueue agent loop with two per-completion costs paid once.
+
+verl 0.9.1's `AgentLoopWorkerTQ` runs one coroutine per completion. For each one it builds a fresh
+agent loop through hydra (`hydra.utils.instantiate`: an OmegaConf merge of the whole trainer config,
+and a new Continuous Token builder that logs a warning), and scores it with a Ray call to a
+separate reward worker carrying a fresh `DataProto`. For the toy's 128+ completions a step this is
+~14 ms of CPU per completion in the one agent-loop process, more than vLLM spends generating them
+(docs/benchmarks.md, "The toy step"). `PerlAgentLoopManager` changes two things, through verl's
+`actor_rollout_ref.rollout.agent.agent_loop_manager_class` hook, and nothing of what a completion
+is:
+
+- **one agent loop per worker** for `single_turn_agent` (the only loop PeRL's data asks for): its
+  state is the config, the tokenizer and the token builder, all fixed for the run; `run()` keeps
+  nothing between calls (verl 0.9.1 `single_turn_agent_loop.py`). Other agent loops, which may
+  keep per-trajectory state (tools), are still built per completion, as verl does;
+- **in-process scoring when `reward.num_workers=0`** (the CPU profile): verl's own
+  `RewardLoopWorker` (the same reward manager, custom reward function and overlong buffer) runs
+  inside the agent-loop worker, called directly instead of through Ray; with reward workers
+  configured (verl's default, every GPU recipe) scoring goes to them as in verl.
+
+The manager is verl's `AgentLoopManagerTQ` with this worker class; the contract test
+(tests/test_upgrade_contract.py) pins the internals it relies on.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+from verl.experimental.agent_loop.agent_loop import AgentLoopWorker
+from verl.trainer.ppo.v1.agent_loop_tq import AgentLoopManagerTQ, AgentLoopWorkerTQ
+
+# agent loops whose instance holds no per-trajectory state, so one serves every completion
+STATELESS_LOOPS = frozenset({"single_turn_agent"})
+
+
+class _InProcessReward:
+    """Stands in for a reward worker's Ray handle (`handle.compute_score.remote(data)` -> awaitable):
+    verl's `RewardLoopWorker`, built on first use inside the worker's running event loop (its
+    reward manager binds the loop it is built in), called directly."""
+
+    def __init__(self, config: Any) -> None:
+        self._config = config
+        self._worker = None
+        self.compute_score = self  # handle.compute_score.remote(...)
+
+    def remote(self, data):
+        if self._worker is None:
+            from verl.experimental.reward_loop.reward_loop import RewardLoopWorker
+
+            self._worker = RewardLoopWorker(self._config, None)
+        return self._worker.compute_score(data)
+
+
+class _PerlAgentLoopWorker(AgentLoopWorkerTQ.__ray_actor_class__):
+    def __init__(self, config, llm_client, teacher_client=None, reward_loop_worker_handles=None):
+        if in_process_reward(config):
+            reward_loop_worker_handles = [_InProcessReward(config)]
+        super().__init__(config, llm_client, teacher_client, reward_loop_worker_handles)
+        self._loops: dict[str, Any] = {}
+
+    def _agent_loop(self, agent_name: str):
+        import hydra
+        from verl.experimental.agent_loop.agent_loop import DictConfigWrap, ToolListWrap, _agent_loop_registry
+
+        if agent_name in self._loops:
+            return self._loops[agent_name]
+        assert agent_name in _agent_loop_registry, (
+            f"Agent loop {agent_name} not registered, registered agent loops: {_agent_loop_registry.keys()}"
+        )
+        loop = hydra.utils.instantiate(
+            config=_agent_loop_registry[agent_name], trainer_config=DictConfigWrap(config=self.config),
+            server_manager=self.llm_client, tokenizer=self.tokenizer, processor=self.processor,
+            hf_model_type=self.hf_model_type, dataset_cls=self.dataset_cls,
+            data_config=DictConfigWrap(self.config.data), tools=ToolListWrap(self.tools),
+        )
+        if agent_name in STATELESS_LOOPS:
+            self._loops[agent_name] = loop
+        return loop
+
+    async def _run_agent_loop(self, sampling_params: dict[str, Any], trajectory: dict[str, Any], *,
+                              agent_name: str, trace: bool = True, **kwargs):
+        """verl's `AgentLoopWorker._run_agent_loop` (verl 0.9.1, agent_loop.py), the agent loop
+        taken from `_agent_loop` instead of built each time."""
+        from verl.utils.rollout_trace import rollout_trace_attr
+
+        with rollout_trace_attr(step=trajectory["step"], sample_index=trajectory["sample_index"],
+                                rollout_n=trajectory["rollout_n"], validate=trajectory["validate"],
+                                name="agent_loop", trace=trace):
+            output = await self._agent_loop(agent_name).run(sampling_params, **kwargs)
+            return await self._agent_loop_postprocess(output, trajectory["validate"], **kwargs)
+
+
+PerlAgentLoopWorker = ray.remote(_PerlAgentLoopWorker)
+
+
+class PerlAgentLoopManager(AgentLoopManagerTQ):
+    """verl's TransferQueue agent-loop manager with `PerlAgentLoopWorker` as its workers."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.agent_loop_workers_class = PerlAgentLoopWorker
+
+
+def in_process_reward(config) -> bool:
+    """reward.num_workers=0 and a rule-based reward (no reward model): score inside the agent loop."""
+    reward = config.reward
+    return int(reward.num_workers) == 0 and not reward.reward_model.enable
+
+
+# What `_run_agent_loop` above copies; the contract test compares it with verl's source.
+UPSTREAM_RUN_AGENT_LOOP = AgentLoopWorker._run_agent_loop

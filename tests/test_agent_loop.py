@@ -1,0 +1,101 @@
+"""PeRL's agent-loop worker (perl/verl_glue/agent_loop.py): one agent loop per worker for the
+stateless single-turn loop, a fresh one per completion for any other, and scoring in-process with
+verl's own reward worker when reward.num_workers=0. No Ray cluster: the worker's methods run on an
+instance built without its actor constructor; the end-to-end tests (tests/test_trainer_e2e.py) run
+it inside verl's trainer."""
+
+import asyncio
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ready
+
+import perl.verl_glue.config as vc
+
+
+@pytest.fixture(scope="module")
+def cfg(paths):
+    return vc.resolved(vc.compose({}, ready(paths, "trainer.device=cpu")))
+
+
+def test_the_cpu_profile_selects_perls_manager_and_in_process_scoring(paths, cfg):
+    from perl.verl_glue.agent_loop import in_process_reward
+    from perl.verl_glue.config.derive import AGENT_LOOP_MANAGER
+
+    assert cfg.actor_rollout_ref.rollout.agent.agent_loop_manager_class == AGENT_LOOP_MANAGER
+    assert cfg.reward.num_workers == 0 and in_process_reward(cfg)
+    # a GPU node keeps verl's reward workers; a recipe naming its own manager keeps it
+    gpu = vc.resolved(vc.compose({}, ready(paths)))
+    assert gpu.reward.num_workers > 0 and not in_process_reward(gpu)
+    assert gpu.actor_rollout_ref.rollout.agent.agent_loop_manager_class == AGENT_LOOP_MANAGER
+    own = vc.resolved(vc.compose({}, ready(paths, "+actor_rollout_ref.rollout.agent.agent_loop_manager_class=my.Manager")))
+    assert own.actor_rollout_ref.rollout.agent.agent_loop_manager_class == "my.Manager"
+
+
+def _bare_worker(cfg):
+    """The worker's state that `_agent_loop` reads, without Ray, vLLM or TransferQueue."""
+    from verl.utils import hf_tokenizer
+    from verl.utils.dataset.rl_dataset import RLHFDataset
+
+    from perl.verl_glue.agent_loop import _PerlAgentLoopWorker
+
+    worker = object.__new__(_PerlAgentLoopWorker)
+    worker.config, worker.llm_client, worker.processor, worker.tools = cfg, None, None, []
+    worker.tokenizer = hf_tokenizer(cfg.actor_rollout_ref.model.path)
+    worker.hf_model_type, worker.dataset_cls, worker._loops = None, RLHFDataset, {}
+    return worker
+
+
+def test_one_single_turn_loop_serves_every_completion_and_other_loops_are_built_each_time(cfg):
+    from omegaconf import OmegaConf
+    from verl.experimental.agent_loop.agent_loop import _agent_loop_registry
+    from verl.experimental.agent_loop.single_turn_agent_loop import SingleTurnAgentLoop
+
+    worker = _bare_worker(cfg)
+    first = worker._agent_loop("single_turn_agent")
+    assert isinstance(first, SingleTurnAgentLoop) and worker._agent_loop("single_turn_agent") is first
+    _agent_loop_registry["perl_test_loop"] = OmegaConf.create(
+        {"_target_": "verl.experimental.agent_loop.single_turn_agent_loop.SingleTurnAgentLoop"})
+    try:
+        a, b = worker._agent_loop("perl_test_loop"), worker._agent_loop("perl_test_loop")
+        assert a is not b and a is not first  # not known to be stateless: one per completion, as in verl
+    finally:
+        del _agent_loop_registry["perl_test_loop"]
+    with pytest.raises(AssertionError, match="not registered"):
+        worker._agent_loop("no_such_loop")
+
+
+def _completion(tok, prompt: str, answer: str, truth: str):
+    """A scored completion in the layout verl's agent loop hands a reward worker (`_compute_score`)."""
+    from tensordict import TensorDict
+    from verl import DataProto
+
+    prompts = torch.tensor(tok.encode(prompt))
+    responses = torch.tensor(tok.encode(answer))
+    ids = torch.cat([prompts, responses])
+    batch = TensorDict({"prompts": prompts[None], "responses": responses[None], "input_ids": ids[None],
+                        "attention_mask": torch.ones_like(ids)[None],
+                        "position_ids": torch.arange(len(ids))[None]}, batch_size=1)
+    non_tensor = {"data_source": np.array(["arith"], dtype=object),
+                  "reward_model": np.array([{"style": "rule", "ground_truth": truth}], dtype=object),
+                  "extra_info": np.array([{}], dtype=object)}
+    return DataProto(batch=batch, non_tensor_batch=non_tensor)
+
+
+def test_in_process_scoring_runs_verls_reward_worker_with_perls_reward(cfg):
+    from verl.utils import hf_tokenizer
+
+    from perl.verl_glue.agent_loop import _InProcessReward
+
+    tok = hf_tokenizer(cfg.actor_rollout_ref.model.path)
+    handle = _InProcessReward(cfg)
+
+    async def score_both():  # one event loop, as in the worker (verl's reward manager binds it)
+        return [await handle.compute_score.remote(_completion(tok, "1+2=", answer, "3"))
+                for answer in ("<think>ok</think> \\boxed{3}", "<think>ok</think> \\boxed{4}")]
+
+    right, wrong = asyncio.run(score_both())
+    assert right["reward_score"] == 1.0 and wrong["reward_score"] == 0.0
+    assert right["reward_extra_info"]["acc"] == 1.0 and wrong["reward_extra_info"]["acc"] == 0.0
