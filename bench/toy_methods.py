@@ -19,8 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _docs import DOC, write_section  # noqa: E402
 
-from perl.methods import METHODS  # noqa: E402
-from perl.toy.bench import bench_toy  # noqa: E402
+from perl.toy.bench import bench_toy, study_variants  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,8 +28,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default=os.path.join(ROOT, "examples", "toy.yaml"))
     ap.add_argument("--out", default=os.path.join(ROOT, "runs", "bench-toy"))
-    ap.add_argument("--methods", nargs="+", default=list(METHODS) + ["lora@sgrpo", "lora@tspmo"],
-                    help="METHOD or METHOD@LOSS (lora@sgrpo, lora@tspmo: the token-efficient losses)")
+    ap.add_argument("--methods", nargs="+", default=study_variants(),
+                    help="METHOD, METHOD@LOSS or METHOD:rN (default: the study's variants, perl.toy.bench)")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--lr-grid", nargs="+", type=float, default=[1.0])
     args, overrides = ap.parse_known_args()

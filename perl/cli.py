@@ -246,13 +246,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from perl.toy.bench import bench_toy
-    from perl.methods import METHODS
+    from perl.toy.bench import bench_toy, study_variants
 
     if not os.path.exists(args.config):
         print(f"error: --config: {args.config} does not exist", file=sys.stderr)
         return 2
-    report = bench_toy(args.config, args.methods or list(METHODS), args.out, args.overrides, seeds=args.seeds,
+    report = bench_toy(args.config, args.methods or study_variants(), args.out, args.overrides, seeds=args.seeds,
                        lr_grid=args.lr_grid)
     print(open(report["tables"]["markdown"]).read())
     print(f"machine time of the study's cells: {report['machine_s'] / 3600:.2f} h")
@@ -361,7 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("suite", choices=("toy",))
     p.add_argument("--config", default="examples/toy.yaml")
     p.add_argument("--methods", nargs="+", default=None,
-                   help="METHOD or METHOD@LOSS, e.g. lora@sgrpo (default: every method of the registry)")
+                   help="METHOD, METHOD@LOSS or either with :rN (another adapter rank), e.g. lora@sgrpo lora:r1 "
+                        "(default: the study's: every method of the registry, lora:r1, lora@sgrpo, lora@tspmo)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0],
                    help="seeds of every cell: data order, vLLM sampling, adapter init (default: 0)")
     p.add_argument("--lr-grid", nargs="+", type=float, default=[1.0],

@@ -17,7 +17,7 @@ import perl.verl_glue.config as vc
 
 @pytest.fixture(scope="module")
 def cfg(paths):
-    return vc.resolved(vc.compose({}, ready(paths, "trainer.device=cpu")))
+    return vc.resolved(vc.compose({}, ready(paths, "trainer.device=cpu", "trainer.n_gpus_per_node=1")))
 
 
 def test_the_cpu_profile_selects_perls_manager_and_in_process_scoring(paths, cfg):
@@ -99,3 +99,4 @@ def test_in_process_scoring_runs_verls_reward_worker_with_perls_reward(cfg):
     right, wrong = asyncio.run(score_both())
     assert right["reward_score"] == 1.0 and wrong["reward_score"] == 0.0
     assert right["reward_extra_info"]["acc"] == 1.0 and wrong["reward_extra_info"]["acc"] == 0.0
+

@@ -33,6 +33,23 @@ def test_a_cell_sets_its_seed_everywhere_and_scales_the_methods_own_lr(tmp_path)
     assert default.actor_rollout_ref.actor.optim.lr == pytest.approx(1e-4)
 
 
+def test_the_studys_variants_include_rank_1_lora_and_the_token_efficient_losses(tmp_path):
+    from perl.methods import METHODS
+    from perl.toy.bench import parse_variant, study_variants
+
+    assert study_variants() == [*METHODS, "lora:r1", "lora@sgrpo", "lora@tspmo"]
+    r1 = vc.compose(TOY, cell_overrides(TOY, Cell("lora:r1", 4.0, 1), str(tmp_path), []))
+    assert (r1.peft.rank, r1.peft.alpha) == (1, 2) and r1.peft.name == "lora"  # alpha = 2r, as the toy's 8/16
+    assert r1.actor_rollout_ref.actor.optim.lr == pytest.approx(4e-3) and r1.perl.label == "lora r=1"
+    assert r1.trainer.default_local_dir == str(tmp_path / "lora:r1" / "x4_seed1")
+    sgrpo = vc.compose(TOY, cell_overrides(TOY, Cell("lora@sgrpo", 1.0, 0), str(tmp_path), []))
+    assert sgrpo.perl.loss_mode == "sgrpo" and sgrpo.perl.label == "lora (S-GRPO)" and sgrpo.peft.rank == 8
+    for bad, why in [("lora:1", "':r' and a positive number"), ("lora:r0", "positive"),
+                     ("full:r1", "no adapter rank"), ("lora@dpo", "unknown loss"), ("qlora", "unknown method")]:
+        with pytest.raises(ValueError, match=why):
+            parse_variant(bad)
+
+
 def rows():
     out = []
     for variant, mult, seed, after in [("lora", 1, 0, 0.80), ("lora", 1, 1, 0.84), ("lora", 4, 0, 0.70),

@@ -21,28 +21,53 @@ from dataclasses import asdict
 from typing import Any
 
 from perl.io import atomic_file
-from perl.toy.study import Cell, best_lr, cells, eta_line, frame, write_study
+from perl.toy.study import Cell, best_lr, cells, eta_line, frame, split_variant, write_study
 
 
-def parse_variant(name: str) -> tuple[str, str]:
-    """`METHOD` (DAPO's token loss) or `METHOD@LOSS` (a token-efficient loss: lora@sgrpo, lora@tspmo)."""
+# The study's variants (issue 30): every method of the registry with DAPO's token loss, rank-1 LoRA
+# (the paper's expressivity floor, which "LoRA Without Regret" and TinyLoRA dispute) and LoRA with
+# the two token-efficient losses.
+EXTRA_VARIANTS = ("lora:r1", "lora@sgrpo", "lora@tspmo")
+
+
+def study_variants() -> list[str]:
+    from perl.methods import METHODS
+
+    return [*METHODS, *EXTRA_VARIANTS]
+
+
+def parse_variant(name: str) -> tuple[str, str, int | None]:
+    """`METHOD` (DAPO's token loss), `METHOD@LOSS` (a token-efficient loss: lora@sgrpo, lora@tspmo),
+    either with `:rN` for another adapter rank (lora:r1): (method, loss, rank or None)."""
     from perl.algos.token_efficient import LOSS_MODES
     from perl.methods import METHODS
 
-    method, _, loss = name.partition("@")
+    method, loss, rank = split_variant(name)
     if method not in METHODS:
         raise ValueError(f"--methods: unknown method {method!r} in {name!r}; valid: {', '.join(METHODS)}")
-    if loss and loss not in LOSS_MODES:
+    if loss not in LOSS_MODES:
         raise ValueError(f"--methods: unknown loss {loss!r} in {name!r}; valid after '@': {', '.join(LOSS_MODES)}")
-    return method, loss or "token"
+    if rank is not None and METHODS[method].trains_every_parameter:
+        raise ValueError(f"--methods: {name!r}: {method} has no adapter rank")
+    return method, loss, rank
+
+
+def variant_label(name: str) -> str:
+    from perl.verl_glue.entry import run_label
+
+    method, loss, rank = parse_variant(name)
+    return run_label(method, loss) + (f" r={rank}" if rank is not None else "")
 
 
 def variant_overrides(variant: str, out_dir: str, overrides: list[str]) -> list[str]:
     """The `perl train` overrides of one variant's run (its default lr and seed)."""
-    method, loss = parse_variant(variant)
-    extra = [f"peft.name={method}", f"trainer.default_local_dir={out_dir}", f"trainer.experiment_name=toy_{variant}"]
+    method, loss, rank = parse_variant(variant)
+    extra = [f"peft.name={method}", f"trainer.default_local_dir={out_dir}", f"trainer.experiment_name=toy_{variant}",
+             f"perl.label={variant_label(variant)}"]
     if loss != "token":
         extra.append(f"perl.loss_mode={loss}")
+    if rank is not None:  # alpha = 2r, the paper's ratio (r 32, alpha 64) and the toy's (8, 16)
+        extra += [f"peft.rank={rank}", f"peft.alpha={2 * rank}"]
     # a method's own lr (full fine-tuning: 0.1 x the recipe's) is compose's rule, as in `perl train`
     return [*overrides, *extra]
 
@@ -82,7 +107,7 @@ def bench_toy(config_path: str, variants: list[str], out: str, overrides: list[s
               progress: bool = True, seeds: list[int] | None = None, lr_grid: list[float] | None = None) -> dict[str, Any]:
     """Train every cell (finished ones are reused), then write the tables and plots."""
     from perl.analysis.tables import write_tables
-    from perl.verl_glue.entry import prepare, run, run_label
+    from perl.verl_glue.entry import prepare, run
     from perl.verl_glue.heldout import BEFORE_DIR
 
     overrides = list(overrides or [])
@@ -105,8 +130,7 @@ def bench_toy(config_path: str, variants: list[str], out: str, overrides: list[s
             trained_s.append(time.perf_counter() - t)
         elif progress:
             print(f"[perl bench] [{i + 1}/{len(todo)}] {cell.name}: finished before, reused", flush=True)
-        method, loss = parse_variant(cell.variant)
-        rows.append({**asdict(cell), "label": run_label(method, loss), "run_dir": os.path.join(out, cell.name),
+        rows.append({**asdict(cell), "label": variant_label(cell.variant), "run_dir": os.path.join(out, cell.name),
                      "before": summary["eval_before"], "after": summary["eval_after"], "gain": summary["gain"],
                      "trainable_percent": summary["trainable_percent"], "lr": summary["lr"],
                      "steps": summary["steps"], "wall_s": summary.get("wall_s")})

@@ -20,7 +20,7 @@ from perl.methods import CATEGORIES, METHODS
 
 @dataclass(frozen=True)
 class Cell:
-    """One run of the study: a variant (METHOD or METHOD@LOSS) at a multiple of its default lr, one seed."""
+    """One run of the study: a variant (METHOD[@LOSS][:rN]) at a multiple of its default lr, one seed."""
 
     variant: str
     lr_mult: float
@@ -56,8 +56,18 @@ def best_lr(df: pd.DataFrame) -> pd.DataFrame:
     return agg.loc[agg.groupby("variant", sort=False)["after"].idxmax()].reset_index(drop=True)
 
 
+def split_variant(name: str) -> tuple[str, str, int | None]:
+    """`METHOD[@LOSS][:rN]` -> (method, loss ("token" when absent), rank (None: the config's)),
+    e.g. lora, lora@sgrpo, lora:r1 (rank-1 LoRA). Names are checked by perl.toy.bench.parse_variant."""
+    head, _, rank = name.partition(":")
+    method, _, loss = head.partition("@")
+    if rank and not (rank.startswith("r") and rank[1:].isdigit() and int(rank[1:]) > 0):
+        raise ValueError(f"--methods: {name!r}: a rank is written ':r' and a positive number, e.g. lora:r1")
+    return method, loss or "token", int(rank[1:]) if rank else None
+
+
 def _category(variant: str) -> str:
-    return METHODS[variant.partition("@")[0]].category
+    return METHODS[split_variant(variant)[0]].category
 
 
 def table3_markdown(best: pd.DataFrame, base: float) -> str:

@@ -209,7 +209,8 @@ def run(cfg, console=None) -> dict[str, Any]:
                                "run_dir": out, "reward_curve": curve}
     if with_heldout:
         trainable = checkpoint_on_driver(full, out, step, fresh=step != start_step, say=console.say)
-        info = {"label": run_label(method, str(full.perl.loss_mode)), "method": method, "trainable_percent": trainable,
+        info = {"label": full.perl.get("label") or run_label(method, str(full.perl.loss_mode)), "method": method,
+                "trainable_percent": trainable,
                 "checkpoint": adapter_dir(out, step), "metrics": os.path.join(out, "metrics.jsonl")}
         with console.phase("eval_after"):
             after = ho.evaluate_after(full, out, step, info, fresh=step != start_step)

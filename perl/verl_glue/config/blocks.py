@@ -74,6 +74,7 @@ class PerlBlock:
     reward: dict = _f({}, "the math reward's format rules (perl.reward.reward_config); {}: the paper's")
     gpu_memory_gb: float | None = _f(None, "GB per GPU for the memory estimate of the config check; null: the "
                                            "smallest GPU torch sees, else 80 (a dry run elsewhere)")
+    label: str | None = _f(None, "the run's row name in tables and plots; null: the method (and its loss)")
     console: str = _f("quiet", "quiet: a first screen and one line per step, library logs in <run>/logs/; "
                                 "verbose: every library's output on the terminal too")
 
