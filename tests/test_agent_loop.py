@@ -100,3 +100,4 @@ def test_in_process_scoring_runs_verls_reward_worker_with_perls_reward(cfg):
     assert right["reward_score"] == 1.0 and wrong["reward_score"] == 0.0
     assert right["reward_extra_info"]["acc"] == 1.0 and wrong["reward_extra_info"]["acc"] == 0.0
 
+

@@ -327,3 +327,13 @@ def test_vllm_cpu_head_size_is_checked_before_ray(tmp_path):
     assert vc.model_head_dim(cfg) == 16
     with pytest.raises(vc.ConfigError, match="attention head size is 16; vLLM's CPU attention serves 32, 64"):
         vc.check_vllm(cfg)
+
+
+def test_ray_env_vars_given_as_numbers_become_strings_and_others_are_refused(paths):
+    cfg = vc.compose({}, ready(paths, "trainer.device=cpu", "trainer.n_gpus_per_node=1",
+                               "+ray_kwargs.ray_init.runtime_env.env_vars.VLLM_ENABLE_V1_MULTIPROCESSING=1",
+                               "+ray_kwargs.ray_init.runtime_env.env_vars.MY_FLAG=true"))
+    env = cfg.ray_kwargs.ray_init.runtime_env.env_vars
+    assert env.VLLM_ENABLE_V1_MULTIPROCESSING == "1" and env.MY_FLAG == "true" and env.VERL_PLATFORM == "cpu"
+    with pytest.raises(vc.ConfigError, match="env_vars.BAD: an environment variable is a string"):
+        vc.compose({}, ready(paths, "+ray_kwargs.ray_init.runtime_env.env_vars.BAD=[1,2]"))

@@ -169,6 +169,26 @@ def derive(cfg: DictConfig) -> None:
     wire_reward(cfg)
     wire_sampler(cfg)
     wire_agent_loop(cfg)
+    env_vars_as_strings(cfg)
+
+
+def env_vars_as_strings(cfg: DictConfig) -> None:
+    """Ray's runtime env takes only string values (`...env_vars.X=1` on the command line parses as an
+    int, and Ray would stop with a TypeError after the config check): numbers and booleans become
+    their text; anything else is refused naming the key."""
+    env = OmegaConf.select(cfg, "ray_kwargs.ray_init.runtime_env.env_vars")
+    if env is None:
+        return
+    with open_dict(env):
+        for key in list(env.keys()):
+            value = env[key]
+            if isinstance(value, bool):
+                env[key] = str(value).lower()
+            elif isinstance(value, (int, float)):
+                env[key] = str(value)
+            elif value is not None and not isinstance(value, str):
+                raise ConfigError(f"ray_kwargs.ray_init.runtime_env.env_vars.{key}: an environment variable "
+                                  f"is a string, got {value!r}")
 
 
 def wire_agent_loop(cfg: DictConfig) -> None:
