@@ -27,7 +27,6 @@ from __future__ import annotations
 from typing import Any
 
 import ray
-from verl.experimental.agent_loop.agent_loop import AgentLoopWorker
 from verl.trainer.ppo.v1.agent_loop_tq import AgentLoopManagerTQ, AgentLoopWorkerTQ
 
 # agent loops whose instance holds no per-trajectory state, so one serves every completion
@@ -60,11 +59,11 @@ class _PerlAgentLoopWorker(AgentLoopWorkerTQ.__ray_actor_class__):
         self._loops: dict[str, Any] = {}
 
     def _agent_loop(self, agent_name: str):
+        if agent_name in self._loops:  # per completion: nothing else on this path
+            return self._loops[agent_name]
         import hydra
         from verl.experimental.agent_loop.agent_loop import DictConfigWrap, ToolListWrap, _agent_loop_registry
 
-        if agent_name in self._loops:
-            return self._loops[agent_name]
         assert agent_name in _agent_loop_registry, (
             f"Agent loop {agent_name} not registered, registered agent loops: {_agent_loop_registry.keys()}"
         )
@@ -107,6 +106,3 @@ def in_process_reward(config) -> bool:
     reward = config.reward
     return int(reward.num_workers) == 0 and not reward.reward_model.enable
 
-
-# What `_run_agent_loop` above copies; the contract test compares it with verl's source.
-UPSTREAM_RUN_AGENT_LOOP = AgentLoopWorker._run_agent_loop

@@ -234,7 +234,8 @@ def gpu_run_checks(cfg: DictConfig, hf, summary: dict, *, on_node: bool) -> list
     check_parallel(cfg, hf)
     check_token_budgets(cfg)
     check_sync_backend(cfg)
-    notes = [note for note in (shared_run_dir_note(cfg),) if note]
+    shared = shared_run_dir_note(cfg)
+    notes = [shared] if shared else []
     if cfg.trainer.device == CPU_DEVICE:
         return notes
     if on_node:
