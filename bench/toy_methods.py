@@ -1,7 +1,8 @@
 """The study of every method on the CPU toy task (`perl bench toy`), written into docs/benchmarks.md.
 
 Usage: python bench/toy_methods.py [--out runs/bench-toy] [--methods ...] [--seeds 0 1 2]
-                                   [--lr-grid 0.25 1 4] [key=value ...]
+                                   [--lr-grid 0.25 1 4] [--lr-grid-for VARIANT=M,M ...]
+                                   [--lr-search-seeds 1] [key=value ...]
 Cells (variant x lr x seed) finished in --out are reused, so a study stopped part-way resumes
 with the next cell and can be spread over several sittings; the section is rewritten from every
 finished cell each time.
@@ -19,21 +20,27 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _docs import DOC, write_section  # noqa: E402
 
-from perl.toy.bench import bench_toy, study_variants  # noqa: E402
+from perl.cli import add_study_arguments  # noqa: E402
+from perl.toy.bench import study_from_args  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def grid_text(grids: dict[str, list[float]]) -> str:
+    """'0.25/1/4' when every variant has the same grid, else the common one and the exceptions."""
+    text = {v: "/".join(f"{m:g}" for m in g) for v, g in grids.items()}
+    common = max(set(text.values()), key=list(text.values()).count)
+    others = [f"{v}: {t}" for v, t in text.items() if t != common]
+    return common + (f" ({'; '.join(others)})" if others else "")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default=os.path.join(ROOT, "examples", "toy.yaml"))
     ap.add_argument("--out", default=os.path.join(ROOT, "runs", "bench-toy"))
-    ap.add_argument("--methods", nargs="+", default=study_variants(),
-                    help="METHOD, METHOD@LOSS or METHOD:rN (default: the study's variants, perl.toy.bench)")
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0])
-    ap.add_argument("--lr-grid", nargs="+", type=float, default=[1.0])
+    add_study_arguments(ap)
     args, overrides = ap.parse_known_args()
-    report = bench_toy(args.config, args.methods, args.out, overrides, seeds=args.seeds, lr_grid=args.lr_grid)
+    report = study_from_args(args, args.config, args.out, overrides)
     os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
     with open(os.path.join(ROOT, "bench", "results", "toy_methods.json"), "w") as f:
         json.dump(report, f, indent=2)
@@ -46,8 +53,9 @@ def main() -> None:
         "### The study on the CPU toy task (`perl bench toy` / `bench/toy_methods.py`)",
         "",
         f"Config `examples/toy.yaml` (DAPO, the same steps and batch for every cell; overrides: "
-        f"{' '.join(overrides) or 'none'}); seeds {args.seeds}, lr multiples {args.lr_grid} of each method's "
-        "default (adapters at the toy's lr, full fine-tuning at 0.1x). Held-out: Avg@4 on 200 unseen problems, "
+        f"{' '.join(overrides) or 'none'}). lr search on seed(s) {report['search_seeds']} over multiples "
+        f"{grid_text(report['lr_grids'])} of each method's default (adapters at the toy's lr, full fine-tuning at "
+        f"0.1x); seeds {args.seeds} at each method's best lr. Held-out: Avg@4 on 200 unseen problems, "
         f"the same sample seeds before and after. Machine time of the cells: {report['machine_s'] / 3600:.2f} h.",
         "",
         open(report["tables"]["study_markdown"]).read().strip(),

@@ -246,17 +246,35 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from perl.toy.bench import bench_toy, study_variants
+    from perl.toy.bench import study_from_args
 
     if not os.path.exists(args.config):
         print(f"error: --config: {args.config} does not exist", file=sys.stderr)
         return 2
-    report = bench_toy(args.config, args.methods or study_variants(), args.out, args.overrides, seeds=args.seeds,
-                       lr_grid=args.lr_grid)
+    report = study_from_args(args, args.config, args.out, args.overrides)
     print(open(report["tables"]["markdown"]).read())
     print(f"machine time of the study's cells: {report['machine_s'] / 3600:.2f} h")
     print("wrote " + ", ".join(report["tables"].values()))
     return 0
+
+
+def add_study_arguments(p) -> None:
+    """The study's flags, shared by `perl bench toy` and bench/toy_methods.py."""
+    p.add_argument("--methods", nargs="+", default=None,
+                   help="METHOD, METHOD@LOSS or either with :rN (another adapter rank), e.g. lora@sgrpo lora:r1 "
+                        "(default: the study's: every method of the registry, lora:r1, lora@sgrpo, lora@tspmo)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0],
+                   help="seeds of every cell: data order, vLLM sampling, adapter init (default: 0)")
+    p.add_argument("--lr-grid", nargs="+", type=float, default=[1.0],
+                   help="multiples of each method's default lr, e.g. 0.25 1 4 (default: 1)")
+    p.add_argument("--lr-grid-for", nargs="+", default=None, metavar="VARIANT=M,M",
+                   help="a variant's own lr multiples instead of --lr-grid, e.g. adalora=1,4,16")
+    p.add_argument("--lr-search-seeds", type=int, default=None, metavar="K",
+                   help="search the lr grid on the first K seeds only; the other seeds run at each variant's "
+                        "best lr there (default: every seed at every lr)")
+    p.add_argument("--lr-extend-up", type=int, default=0, metavar="N",
+                   help="while a variant's best lr is the largest of its grid, up to N more points above it "
+                        "(each x the grid's last ratio) before its other seeds run (default: 0)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -359,13 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "seeds and learning rates, Table 3 + lr sensitivity + Figure 1")
     p.add_argument("suite", choices=("toy",))
     p.add_argument("--config", default="examples/toy.yaml")
-    p.add_argument("--methods", nargs="+", default=None,
-                   help="METHOD, METHOD@LOSS or either with :rN (another adapter rank), e.g. lora@sgrpo lora:r1 "
-                        "(default: the study's: every method of the registry, lora:r1, lora@sgrpo, lora@tspmo)")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0],
-                   help="seeds of every cell: data order, vLLM sampling, adapter init (default: 0)")
-    p.add_argument("--lr-grid", nargs="+", type=float, default=[1.0],
-                   help="multiples of each method's default lr, e.g. 0.25 1 4 (default: 1)")
+    add_study_arguments(p)
     p.add_argument("--out", default="runs/bench-toy")
     p.add_argument("overrides", nargs="*", help="key=value overrides applied to every method's run")
     p.set_defaults(func=_cmd_bench)

@@ -239,21 +239,22 @@ def assert_checkpoint(run_dir: str, step: int, method: str) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method,extra", [  # lora: in the resume test below
-    ("dora", []),  # (a non-LoRA method, IA3, runs in the `perl bench toy` test below, with T-SPMO)
-    # residual base W - B0 A0: the merged export must rebuild W + (BA - B0 A0). Its lr is lower: at
-    # 5e-3 PiSSA collapses within one step (every answer wrong, nothing left to sample), the paper's
-    # finding at an exaggerated rate
-    ("pissa", ["actor_rollout_ref.actor.optim.lr=1e-3"]),
-])
-def test_method_trains_inside_verls_trainer(tmp_path, toy_cache, method, extra):
-    run = str(tmp_path / method)
+# One trainer launch per method family, each checking what is particular to it; the others run
+# elsewhere in this file: DoRA in the resume test, IA3 (with T-SPMO) and TinyLoRA as the cells of the
+# `perl bench toy` test, AdaLoRA and full fine-tuning below.
+
+
+def test_pissa_trains_inside_verls_trainer_on_a_users_own_data(tmp_path, toy_cache):
+    """PiSSA's residual base W - B0 A0: the merged export must rebuild W + (BA - B0 A0). Its lr is
+    lower: at 5e-3 PiSSA collapses within one step (every answer wrong, nothing left to sample), the
+    paper's finding at an exaggerated rate."""
+    run = str(tmp_path / "pissa")
     own_data = own_data_overrides(tmp_path, toy_cache)
-    rc, log = run_perl(run, f"peft.name={method}", *[o for o in E2E if not o.startswith("perl.toy.")], *own_data,
-                       *extra, cache=toy_cache)
+    rc, log = run_perl(run, "peft.name=pissa", *[o for o in E2E if not o.startswith("perl.toy.")], *own_data,
+                       "actor_rollout_ref.actor.optim.lr=1e-3", cache=toy_cache)
     assert_ok(rc, log)
     assert [r["step"] for r in metrics(run)] == [1, 2, 3]
-    assert_checkpoint(run, 3, method)
+    assert_checkpoint(run, 3, "pissa")
     assert_vllm_has_the_merged_weights(run, tmp_path)
     assert_dynamic_sampling_dropped_flat_groups(run)
     assert metrics(run)[0]["training/filter_groups/evicted_samples"] >= 1  # the unsolvable prompt's group ...
@@ -326,20 +327,19 @@ def test_adalora_prunes_its_rank_budget_inside_the_trainer(tmp_path, toy_cache):
     assert config["rank_pattern"] and config["init_r"] == init_r and config["target_r"] == target_r
 
 
-def test_tinylora_trains_its_13_parameters_inside_verls_trainer(tmp_path, toy_cache):
+def assert_tinylora_trained_its_13_parameters(run: str, tmp_path) -> None:
     """TinyLoRA (issue 29): one vector of 13 numbers, shared by every projection of every layer (at
-    the FSDP root unit, not in any layer's), trains inside verl's trainer; the merged weights vLLM
+    the FSDP root unit, not in any layer's), trained inside verl's trainer; the merged weights vLLM
     generated with are PeRL's export, and in them every targeted matrix moved and nothing else."""
     from safetensors.torch import load_file
 
     from perl.sync.export import export_adapter_merged
     from perl.verl_glue.run_dir import adapter_dir
 
-    run = str(tmp_path / "tinylora")
-    rc, log = run_perl(run, "peft.name=tinylora", *E2E, cache=toy_cache)
-    assert_ok(rc, log)
     assert [r["step"] for r in metrics(run)] == [1, 2, 3]
     assert_checkpoint(run, 3, "tinylora")
+    tmp_path = tmp_path / "tinylora-check"  # the exports of this run, apart from the other cell's
+    tmp_path.mkdir()
     assert_vllm_has_the_merged_weights(run, tmp_path)
     adapter = load_file(os.path.join(adapter_dir(run, 3), "adapter_model.safetensors"))
     (v,) = [t for k, t in adapter.items() if ".tinylora_v." in k]
@@ -377,40 +377,45 @@ def run_bench(cmd: list[str], env: dict, log_path: str, kill_on: str | None = No
     return proc.returncode, open(log_path).read()
 
 
-def test_bench_toy_study_trains_ia3_with_tspmo_resumes_after_a_stop_and_writes_its_tables(tmp_path, toy_cache):
-    """`perl bench toy` = one verl run per cell; here IA3 (a non-LoRA method: rescaling vectors, merged
-    into k/v/down) with T-SPMO on PeRL's trainer, two seeds. The study is killed as its second cell
-    starts; the rerun reuses the first cell and trains the second; a third run trains nothing."""
+def test_bench_toy_study_trains_ia3_with_tspmo_and_tinylora_resumes_after_a_stop_and_writes_its_tables(
+        tmp_path, toy_cache):
+    """`perl bench toy` = one verl run per cell; here two cells at seed 1: IA3 (a non-LoRA method:
+    rescaling vectors, merged into k/v/down) with T-SPMO on PeRL's trainer, then TinyLoRA. The study
+    is killed as its second cell starts; the rerun reuses the first cell and trains the second; a
+    third run trains nothing."""
     out = tmp_path / "bench"
     overrides = [o for o in E2E if o != "perl.heldout=null"] + ["perl.toy.heldout_size=16", "perl.heldout.k=1"]
-    cmd = [sys.executable, "-m", "perl.cli", "bench", "toy", "--config", TOY, "--methods", "ia3@tspmo",
-           "--seeds", "0", "1", "--out", str(out), *overrides]
+    cmd = [sys.executable, "-m", "perl.cli", "bench", "toy", "--config", TOY, "--methods", "ia3@tspmo", "tinylora",
+           "--seeds", "1", "--out", str(out), *overrides]
     env = dict(os.environ, PERL_CACHE=toy_cache, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    rc, log = run_bench(cmd, env, str(tmp_path / "a.log"), kill_on="[perl bench] [2/2] ia3@tspmo/x1_seed1: training")
-    assert rc == -signal.SIGKILL and "[perl bench] [1/2] ia3@tspmo/x1_seed0: training" in log, log[-3000:]
-    first = out / "ia3@tspmo" / "x1_seed0"
+    rc, log = run_bench(cmd, env, str(tmp_path / "a.log"), kill_on="[perl bench] [2/2] tinylora/x1_seed1: training")
+    assert rc == -signal.SIGKILL and "[perl bench] [1/2] ia3@tspmo/x1_seed1: training" in log, log[-3000:]
+    first = out / "ia3@tspmo" / "x1_seed1"
     assert json.load(open(first / "summary.json"))["steps"] == 3
     rc, log = run_bench(cmd, env, str(tmp_path / "b.log"))
     assert_ok(rc, log)
-    assert "[perl bench] [1/2] ia3@tspmo/x1_seed0: finished before, reused" in log  # not retrained
-    assert "[perl bench] [2/2] ia3@tspmo/x1_seed1: training" in log
-    for seed in (0, 1):
-        run = str(out / "ia3@tspmo" / f"x1_seed{seed}")
-        assert_checkpoint(run, 3, "ia3")
+    assert "[perl bench] [1/2] ia3@tspmo/x1_seed1: finished before, reused" in log  # not retrained
+    assert "[perl bench] [2/2] tinylora/x1_seed1: training" in log
+    for variant, method in (("ia3@tspmo", "ia3"), ("tinylora", "tinylora")):
+        run = str(out / variant / "x1_seed1")
+        assert_checkpoint(run, 3, method)
         resolved = json.load(open(os.path.join(run, "perl_run.json")))["config"]
-        assert resolved["data"]["seed"] == seed and resolved["actor_rollout_ref"]["rollout"]["seed"] == seed
+        assert resolved["data"]["seed"] == 1 and resolved["actor_rollout_ref"]["rollout"]["seed"] == 1
+    assert_tinylora_trained_its_13_parameters(str(out / "tinylora" / "x1_seed1"), tmp_path)
     run = str(first)
     rows = metrics(run)
     assert all(0 < r["perl/tspmo_live_pair_frac"] < 1 for r in rows), rows  # PeRL's T-SPMO advantage step
     assert all("actor/tspmo_pair_frac" in r for r in rows)  # ... and its policy loss, inside verl's update
     assert_vllm_has_the_merged_weights(run, tmp_path)
     report = json.load(open(out / "bench_toy.json"))
-    assert [(r["seed"], r["label"], r["steps"]) for r in report["runs"]] == [(0, "ia3 (T-SPMO)", 3), (1, "ia3 (T-SPMO)", 3)]
+    assert [(r["seed"], r["label"], r["steps"]) for r in report["runs"]] == [(1, "ia3 (T-SPMO)", 3), (1, "tinylora", 3)]
     assert 0 < report["runs"][0]["trainable_percent"] < 1 and report["machine_s"] > 0
+    assert report["runs"][1]["trainable_percent"] < 1e-2  # 13 numbers of 0.87M
     table = open(report["tables"]["markdown"]).read()
-    assert "| cold start |" in table and "| ia3 (T-SPMO) |" in table and "**Baseline**" in table and "**Other**" in table
+    assert "| cold start |" in table and "| ia3 (T-SPMO) |" in table and "| tinylora |" in table
+    assert "**Other**" in table and "**Efficient**" in table
     study = open(report["tables"]["study_markdown"]).read()
-    assert "| ia3 (T-SPMO) | Other |" in study and "| 2 |" in study  # mean +- std over the two seeds
+    assert "| ia3 (T-SPMO) | Other |" in study and "| tinylora | Efficient |" in study
     assert os.path.exists(report["tables"]["plot"]) and os.path.exists(report["tables"]["reward_curves"])
     assert os.path.exists(report["tables"]["plot_seeds"])
     # the run directory of an evaluated run: held-out before and after, the merged final model
@@ -435,16 +440,17 @@ def test_rerun_resumes_and_a_killed_run_resumes_from_its_last_checkpoint(tmp_pat
     from perl.verl_glue.run_dir import latest_step
 
     run = str(tmp_path / "toy")
-    # the toy's own settings (G=8, 2 optimizer steps a step, its lr), a smaller batch and held-out set
-    # no held-out eval here (CI time): the `perl bench toy` test above checks it and the run's files
-    short = ["perl.heldout=null", "trainer.save_freq=2", "trainer.logger=[console,tensorboard]",
+    # DoRA (the paper's best method; its magnitude vector resumes with the rest) at the toy's own
+    # settings (G=8, 2 optimizer steps a step, its lr), a smaller batch; no held-out eval here (CI
+    # time): the `perl bench toy` test above checks it and the run's files
+    short = ["peft.name=dora", "perl.heldout=null", "trainer.save_freq=2", "trainer.logger=[console,tensorboard]",
              "data.train_batch_size=4", "actor_rollout_ref.actor.ppo_mini_batch_size=2",
              "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=16", "perl.dump_rollout_tokens=true",
              "algorithm.filter_groups.max_num_gen_batches=20"]
     rc, log = run_perl(run, "trainer.total_training_steps=4", *short, cache=toy_cache, log_name="a.log")
     assert_ok(rc, log)
     assert latest_step(run) == 4 and [r["step"] for r in metrics(run)] == [1, 2, 3, 4]
-    assert_vllm_has_the_merged_weights(run, tmp_path)  # LoRA: step 3 was generated with checkpoint 2
+    assert_vllm_has_the_merged_weights(run, tmp_path)  # DoRA: step 3 was generated with checkpoint 2
     assert_dynamic_sampling_dropped_flat_groups(run, group_size=8, dropped=False)  # G=8: a flat group is rare
     first = json.load(open(os.path.join(run, "summary.json")))
     assert first["steps"] == 4 and first["resumed_from"] == 0
@@ -477,7 +483,7 @@ def test_rerun_resumes_and_a_killed_run_resumes_from_its_last_checkpoint(tmp_pat
 
     for row in metrics(run)[2:]:  # the console showed this run's steps 3-6, not the lines they replaced
         assert progress_line(row, 6, 4, True) in log, (row, log)
-    assert_checkpoint(run, 6, "lora")
+    assert_checkpoint(run, 6, "dora")
     assert any(name.startswith("global_step_4.damaged-") for name in os.listdir(run))  # kept, not deleted
     summary = json.load(open(os.path.join(run, "summary.json")))
     assert summary["steps"] == 6 and summary["resumed_from"] == 2
@@ -485,6 +491,6 @@ def test_rerun_resumes_and_a_killed_run_resumes_from_its_last_checkpoint(tmp_pat
         assert os.path.exists(os.path.join(run, name)), name
 
     # the same directory with another method is refused before anything starts
-    rc, log = run_perl(run, "trainer.total_training_steps=8", "peft.name=dora", *short, cache=toy_cache,
+    rc, log = run_perl(run, "trainer.total_training_steps=8", *short, "peft.name=lora", cache=toy_cache,
                        log_name="d.log")
-    assert rc == 2 and "peft.name: lora -> dora" in log
+    assert rc == 2 and "peft.name: dora -> lora" in log

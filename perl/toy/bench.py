@@ -18,10 +18,11 @@ import json
 import os
 import time
 from dataclasses import asdict
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from perl.io import atomic_file
-from perl.toy.study import Cell, best_lr, cells, eta_line, frame, split_variant, write_study
+from perl.toy.study import Cell, best_lr, cells, eta_line, frame, plan_size, split_variant, write_study
 
 
 # The study's variants (issue 30): every method of the registry with DAPO's token loss, rank-1 LoRA
@@ -72,6 +73,12 @@ def variant_overrides(variant: str, out_dir: str, overrides: list[str]) -> list[
     return [*overrides, *extra]
 
 
+def study_from_args(args, config_path: str, out: str, overrides: list[str]) -> dict[str, Any]:
+    return bench_toy(config_path, args.methods or study_variants(), out, overrides, seeds=args.seeds,
+                     lr_grid=args.lr_grid, lr_grid_for=args.lr_grid_for, search_seeds=args.lr_search_seeds,
+                     extend_up=args.lr_extend_up)
+
+
 def cell_overrides(config_path: str, cell: Cell, out: str, overrides: list[str]) -> list[str]:
     """The overrides of one cell: the variant's, its seed, and its lr when not the default."""
     from perl.verl_glue.config import compose
@@ -98,51 +105,122 @@ def finished(run_dir: str, cfg) -> dict[str, Any] | None:
     if changes:
         raise ValueError(f"{run_dir} finished with other settings than requested ({'; '.join(changes)}); "
                          "use another --out, or delete that run to retrain it")
-    if summary.get("steps") != int(cfg.trainer.total_training_steps) or "eval_after" not in summary:
-        return None  # shorter, or not evaluated: the run resumes
+    if "eval_after" not in summary:
+        return None  # not evaluated: the run resumes
+    if summary.get("steps") != int(cfg.trainer.total_training_steps) and "collapsed_at_step" not in summary:
+        return None  # shorter: the run resumes (a collapsed run is finished: its result is where it stopped)
     return summary
 
 
+def lr_grids(variants: list[str], lr_grid: list[float], per_variant: list[str] | None = None) -> dict[str, list[float]]:
+    """Each variant's lr multiples: `lr_grid`, or its own from `VARIANT=M,M,...` entries (--lr-grid-for)."""
+    grids = {v: list(lr_grid) for v in variants}
+    for entry in per_variant or []:
+        variant, sep, mults = entry.partition("=")
+        if not sep or variant not in grids:
+            raise ValueError(f"--lr-grid-for: {entry!r}: expected VARIANT=M,M,... with VARIANT one of --methods "
+                             f"({', '.join(variants)})")
+        try:
+            grids[variant] = [float(m) for m in mults.split(",")]
+        except ValueError:
+            raise ValueError(f"--lr-grid-for: {entry!r}: the multiples must be numbers, e.g. {variant}=1,4,16") from None
+    for variant, grid in grids.items():
+        if not grid or any(m <= 0 for m in grid):
+            raise ValueError(f"--lr-grid/--lr-grid-for: {variant}: multiples of a method's default lr must be > 0, "
+                             f"got {grid}")
+    return grids
+
+
+def study_plan(grids: dict[str, list[float]], seeds: list[int], search_seeds: int, rows: list[dict],
+               progress: bool = False, extend_up: int = 0,
+               on_extend: Callable[[int], None] | None = None) -> Iterator[Cell]:
+    """The cells in order, variant by variant: its lr grid on the first `search_seeds` seeds, then
+    the other seeds at the lr whose mean was best there. `rows`: the results, appended by the caller
+    after each cell (the choice reads them). `extend_up`: while the best lr is the grid's largest, up
+    to this many more points above it, each its top times the grid's last ratio (x4 for 1/4), so a
+    search cut off below a method's optimum (low-parameter methods at a shared lr) continues;
+    `on_extend(n)` hears of the n cells each extension adds."""
+    search, rest = seeds[:search_seeds], seeds[search_seeds:]
+
+    def best_mult(variant: str) -> float:
+        return float(best_lr(frame([r for r in rows if r["variant"] == variant and r["seed"] in search])).lr_mult.iloc[0])
+
+    for variant, grid in grids.items():
+        grid = sorted(grid)
+        yield from cells([variant], grid, search)
+        for _ in range(extend_up):
+            if len(grid) < 2 or best_mult(variant) != grid[-1]:
+                break
+            grid.append(float(f"{grid[-1] * grid[-1] / grid[-2]:.6g}"))
+            if progress:
+                print(f"[perl bench] {variant}: best at the top of its lr grid; extending it to x{grid[-1]:g}",
+                      flush=True)
+            if on_extend is not None:
+                on_extend(len(search))
+            yield from cells([variant], [grid[-1]], search)
+        if rest:
+            chosen = best_mult(variant)
+            if progress and len(grid) > 1:
+                print(f"[perl bench] {variant}: best lr x{chosen:g} on seed(s) {search}; seeds {rest} there", flush=True)
+            yield from cells([variant], [chosen], rest)
+
+
 def bench_toy(config_path: str, variants: list[str], out: str, overrides: list[str] | None = None,
-              progress: bool = True, seeds: list[int] | None = None, lr_grid: list[float] | None = None) -> dict[str, Any]:
-    """Train every cell (finished ones are reused), then write the tables and plots."""
+              progress: bool = True, seeds: list[int] | None = None, lr_grid: list[float] | None = None,
+              lr_grid_for: list[str] | None = None, search_seeds: int | None = None,
+              extend_up: int = 0) -> dict[str, Any]:
+    """Train every cell (finished ones are reused), then write the tables and plots.
+
+    Per variant: its lr grid on the first `search_seeds` seeds (default: every seed, the full
+    grid; `extend_up`: see study_plan), then the remaining seeds at the lr that did best there."""
     from perl.analysis.tables import write_tables
     from perl.verl_glue.entry import prepare, run
     from perl.verl_glue.heldout import BEFORE_DIR
 
     overrides = list(overrides or [])
-    seeds, lr_grid = list(seeds or [0]), list(lr_grid or [1.0])
+    seeds = list(seeds or [0])
     for v in variants:
         parse_variant(v)  # every name checked before anything trains
-    if any(m <= 0 for m in lr_grid):
-        raise ValueError(f"--lr-grid: multiples of a method's default lr must be > 0, got {lr_grid}")
-    todo = cells(variants, lr_grid, seeds)
+    grids = lr_grids(variants, list(lr_grid or [1.0]), lr_grid_for)
+    search_seeds = len(seeds) if search_seeds is None else search_seeds
+    if not 1 <= search_seeds <= len(seeds):
+        raise ValueError(f"--lr-search-seeds: between 1 and the number of --seeds ({len(seeds)}), got {search_seeds}")
+    search = seeds[:search_seeds]
+    total = [plan_size(grids, seeds, search_seeds)]  # grows when a grid is extended
     rows, trained_s, started = [], [], time.perf_counter()
-    for i, cell in enumerate(todo):
+
+    def train_or_reuse(cell: Cell) -> None:
         _, cfg, _ = prepare(["--config", config_path, *cell_overrides(config_path, cell, out, overrides)])
         summary = finished(os.path.join(out, cell.name), cfg)
         if summary is None:
             if progress:
-                print(f"[perl bench] [{i + 1}/{len(todo)}] {cell.name}: training"
-                      + eta_line(trained_s, len(todo) - i), flush=True)
+                print(f"[perl bench] [{len(rows) + 1}/{total[0]}] {cell.name}: training"
+                      + eta_line(trained_s, total[0] - len(rows)), flush=True)
             t = time.perf_counter()
             summary = run(cfg)
             trained_s.append(time.perf_counter() - t)
         elif progress:
-            print(f"[perl bench] [{i + 1}/{len(todo)}] {cell.name}: finished before, reused", flush=True)
+            print(f"[perl bench] [{len(rows) + 1}/{total[0]}] {cell.name}: finished before, reused", flush=True)
         rows.append({**asdict(cell), "label": variant_label(cell.variant), "run_dir": os.path.join(out, cell.name),
                      "before": summary["eval_before"], "after": summary["eval_after"], "gain": summary["gain"],
                      "trainable_percent": summary["trainable_percent"], "lr": summary["lr"],
-                     "steps": summary["steps"], "wall_s": summary.get("wall_s")})
+                     "steps": summary["steps"], "collapsed_at_step": summary.get("collapsed_at_step"),
+                     "wall_s": summary.get("wall_s")})
+
+    def extended(n: int) -> None:
+        total[0] += n
+
+    for cell in study_plan(grids, seeds, search_seeds, rows, progress, extend_up, extended):
+        train_or_reuse(cell)
     tables = os.path.join(out, "tables")
     base = rows[0]["before"]  # the same cold start and held-out set for every cell
-    best = best_lr(frame(rows))
+    best = best_lr(frame(rows), search)
     best_runs = [r["run_dir"] for r in rows for b in best.itertuples()
                  if r["variant"] == b.variant and r["lr_mult"] == b.lr_mult and r["seed"] == min(seeds)]
     paths = write_tables([os.path.join(rows[0]["run_dir"], BEFORE_DIR), *best_runs], tables)
-    paths.update(write_study(rows, base, tables))
+    paths.update(write_study(rows, base, tables, search))
     report = {"runs": rows, "tables": paths, "config": config_path, "overrides": overrides, "seeds": seeds,
-              "lr_grid": lr_grid, "machine_s": sum(r["wall_s"] or 0 for r in rows),
+              "lr_grids": grids, "search_seeds": search, "machine_s": sum(r["wall_s"] or 0 for r in rows),
               "this_sitting_s": time.perf_counter() - started}
     with atomic_file(os.path.join(out, "bench_toy.json")) as tmp, open(tmp, "w") as f:
         json.dump(report, f, indent=2)

@@ -125,6 +125,24 @@ def train(cfg) -> None:
             ray.shutdown()  # frees the trainer's processes before the evaluation starts its own vLLM
 
 
+def train_or_collapse(cfg, out: str) -> dict[str, Any] | None:
+    """train(cfg); None when it ran its steps, the trainer's collapse record (perl.verl_glue.trainer,
+    `_record_collapse`) when it stopped because dynamic sampling found nothing left to learn from."""
+    from perl.verl_glue.run_dir import COLLAPSED
+
+    marker = os.path.join(out, COLLAPSED)
+    if os.path.exists(marker):
+        os.remove(marker)  # an earlier call's: this one decides afresh
+    try:
+        train(cfg)
+    except Exception:
+        if os.path.exists(marker):
+            with open(marker) as f:
+                return json.load(f)
+        raise
+    return None
+
+
 def checkpoint_on_driver(full, out: str, step: int, *, fresh: bool, say=print) -> float | None:
     """What the held-out evaluation after training reads of checkpoint `step`, checked on this (the
     driver's) node before it starts: the marker's step and, when `final_model/` must be merged from
@@ -199,7 +217,7 @@ def run(cfg, console=None) -> dict[str, Any]:
         line = lambda row: progress_line(row, total, int(full.data.train_batch_size),  # noqa: E731
                                          bool(full.algorithm.filter_groups.enable))
         with console.follow(os.path.join(out, METRICS_FILE), line, after_step=start_step):
-            train(cfg)
+            collapse = train_or_collapse(cfg, out)
     step = latest_step(out)
     curve = plot_reward_curve(out)
     summary: dict[str, Any] = {"method": method, "algorithm": str(full.perl.algorithm),
@@ -207,6 +225,10 @@ def run(cfg, console=None) -> dict[str, Any]:
                                "total_training_steps": total,
                                "lr": float(full.actor_rollout_ref.actor.optim.lr),
                                "run_dir": out, "reward_curve": curve}
+    if collapse is not None:
+        summary["collapsed_at_step"] = collapse["failed_step"]
+        console.say(f"[perl] training collapsed at step {collapse['failed_step']}/{total}: {collapse['reason']}")
+        console.say(f"[perl] the weights after step {step} (checkpoint {step}) are its result")
     if with_heldout:
         trainable = checkpoint_on_driver(full, out, step, fresh=step != start_step, say=console.say)
         info = {"label": full.perl.get("label") or run_label(method, str(full.perl.loss_mode)), "method": method,
@@ -227,7 +249,8 @@ def run(cfg, console=None) -> dict[str, Any]:
 
 def report(summary: dict[str, Any]) -> str:
     lines = [f"[perl] {summary['method']}: {summary['steps']} steps in {summary['run_dir']} "
-             f"({summary['wall_s']:.0f} s)"]
+             f"({summary['wall_s']:.0f} s)" + (f"; training collapsed at step {summary['collapsed_at_step']}"
+                                               if "collapsed_at_step" in summary else "")]
     if "eval_after" in summary:
         lines.append(f"[perl] held-out Avg@{summary['eval_k']} ({summary['eval_problems']} problems): "
                      f"{summary['eval_before']:.3f} -> {summary['eval_after']:.3f} ({summary['gain']:+.3f}); "
@@ -265,6 +288,10 @@ def first_screen(full, summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# `perl train`'s exit status when training collapsed (its result is written, as for a full run)
+EXIT_COLLAPSED = 3
+
+
 def main(argv: list[str] | argparse.Namespace | None = None) -> int:
     from omegaconf import OmegaConf
 
@@ -295,7 +322,8 @@ def main(argv: list[str] | argparse.Namespace | None = None) -> int:
         return 0
     print(first_screen(full, summary), flush=True)
     try:
-        print(report(run(cfg)), flush=True)
+        summary = run(cfg)
+        print(report(summary), flush=True)
     except ValueError as e:  # a run directory holding other settings, a damaged checkpoint, one not on this node
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -303,7 +331,7 @@ def main(argv: list[str] | argparse.Namespace | None = None) -> int:
         cause = str(e).strip().splitlines()[-1] if str(e).strip() else ""
         print(f"error: {type(e).__name__}: {cause}", file=sys.stderr)
         return 1
-    return 0
+    return EXIT_COLLAPSED if "collapsed_at_step" in summary else 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -33,6 +33,7 @@ REWARD_CURVE = "reward_curve.png"
 RUN_FILE = "perl_run.json"
 RESOLVED_CONFIG = "resolved_config.yaml"  # the full config the run started with (verl's keys + PeRL's blocks)
 SUMMARY = "summary.json"  # a finished run's numbers (written last, atomically)
+COLLAPSED = "collapsed.json"  # written by the trainer when dynamic sampling found nothing left to learn
 ADAPTER_DIR = "perl_adapter"  # peft-format adapter inside each verl actor checkpoint
 STATE_FILE = "perl_state.pt"  # PeRL step counter + AdaLoRA allocator state, beside it
 LATEST = "latest_checkpointed_iteration.txt"  # verl's marker of the last complete checkpoint

@@ -1,13 +1,14 @@
 """PeRL's V1 trainer and task runner: verl's sync trainer, plus PeRL's run log and T-SPMO's advantage step.
 
 Every PeRL run on verl's sync V1 trainer uses `PerlSyncTrainer` (perl.verl_glue.config derives
-`trainer.v1.trainer_mode=perl_sync` from verl's `sync`). It changes three things and nothing else:
+`trainer.v1.trainer_mode=perl_sync` from verl's `sync`). It changes four things and nothing else:
 
 - the run log (perl.verl_glue.run_dir): after verl has computed a step's metrics, one line of
   `metrics.jsonl` and one progress line; tensorboard events go to `<run dir>/tensorboard` unless
   TENSORBOARD_DIR says otherwise;
 - a manifest after each checkpoint (perl.verl_glue.checkpoints), verified before a resume;
-- the advantage step for adv_estimator=tspmo (below).
+- the advantage step for adv_estimator=tspmo (below);
+- a collapse (dynamic sampling exhausted) ends the run with its last weights saved (`_record_collapse`).
 
 T-SPMO (perl.algos.token_efficient) credits each (prefix, next token) pair of a group, so its
 advantage step needs the response token ids. verl 0.9.1's `PPOTrainer._compute_advantage` reads
@@ -24,6 +25,7 @@ with it the registration, in the task runner's process before `run` looks the na
 from __future__ import annotations
 
 import io
+import json
 import os
 
 import numpy as np
@@ -38,6 +40,7 @@ from verl.workers.utils.padding import response_to_nested
 from perl.algos.token_efficient import register_with_verl, tspmo_outcome_advantage
 from perl.verl_glue.config import PERL_TRAINER_MODE
 from perl.verl_glue.run_dir import ALL_GROUPS, RunLog
+from perl.verl_glue.sampler import DynamicSamplingExhausted
 
 # verl's replay buffer reports the groups dynamic sampling dropped as {shared metric value: count}
 # under this key, in the metrics of the step (PeRL adds them to the step's accuracy).
@@ -68,7 +71,33 @@ class PerlSyncTrainer(PPOTrainerSync):
         self.run_log = RunLog(run_dir, self.total_training_steps, resumed_from=self.global_steps,
                               batch_groups=int(self.config.data.train_batch_size),
                               dynamic_sampling=bool(self.config.algorithm.filter_groups.enable))
-        return super().fit(agent_loop_manager)
+        try:
+            return super().fit(agent_loop_manager)
+        except DynamicSamplingExhausted as e:
+            self._record_collapse(run_dir, e)
+            raise
+
+    def _record_collapse(self, run_dir: str, error: Exception) -> None:
+        """Training collapsed: step `global_steps` found (almost) no group whose rollouts differ in
+        reward, so RL has nothing left to learn from (e.g. PiSSA at a high lr, every answer wrong).
+        That is a result, not a crash: the weights after the last completed step are saved as its
+        checkpoint (unless save_freq already did) and `collapsed.json` says where it stopped, so the
+        entry point evaluates them and a study records the run as collapsed. In the first step of a
+        run nothing was trained: that stays an error (the data or the reward)."""
+        from perl.io import atomic_file
+        from perl.verl_glue.run_dir import COLLAPSED, latest_step
+
+        failed = int(self.global_steps)
+        trained = failed - 1
+        if trained < 1:  # nothing trained yet: the data or the reward, not a collapse (the error says so)
+            return
+        if latest_step(run_dir) != trained:
+            self.global_steps = trained  # verl names the checkpoint after global_steps
+            self._save_checkpoint()
+            self.global_steps = failed
+        record = {"failed_step": failed, "last_step": trained, "reason": str(error)}
+        with atomic_file(os.path.join(run_dir, COLLAPSED)) as tmp, open(tmp, "w") as f:
+            json.dump(record, f, indent=2)
 
     def _save_checkpoint(self):
         """verl's save, then PeRL's manifest of it (perl.verl_glue.checkpoints), which the entry point
