@@ -34,6 +34,18 @@ def grid_text(grids: dict[str, list[float]]) -> str:
     return common + (f" ({'; '.join(others)})" if others else "")
 
 
+def extended_text(report: dict) -> str:
+    """', extended upward (--lr-extend-up) for adalora to x16' from the cells that ran beyond a grid."""
+    extra = {}
+    for r in report["runs"]:
+        if r["lr_mult"] not in report["lr_grids"][r["variant"]]:
+            extra.setdefault(r["variant"], set()).add(r["lr_mult"])
+    if not extra:
+        return ""
+    return ", extended upward where the top of the grid won (`--lr-extend-up`): " + "; ".join(
+        f"{v} to x{'/x'.join(f'{m:g}' for m in sorted(ms))}" for v, ms in extra.items())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default=os.path.join(ROOT, "examples", "toy.yaml"))
@@ -55,7 +67,7 @@ def main() -> None:
         f"Config `examples/toy.yaml` (DAPO, the same steps and batch for every cell; overrides: "
         f"{' '.join(overrides) or 'none'}). lr search on seed(s) {report['search_seeds']} over multiples "
         f"{grid_text(report['lr_grids'])} of each method's default (adapters at the toy's lr, full fine-tuning at "
-        f"0.1x); seeds {args.seeds} at each method's best lr. Held-out: Avg@4 on 200 unseen problems, "
+        f"0.1x){extended_text(report)}; seeds {args.seeds} at each method's best lr. Held-out: Avg@4 on 200 unseen problems, "
         f"the same sample seeds before and after. Machine time of the cells: {report['machine_s'] / 3600:.2f} h.",
         "",
         open(report["tables"]["study_markdown"]).read().strip(),

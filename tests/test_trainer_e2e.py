@@ -263,6 +263,36 @@ def test_pissa_trains_inside_verls_trainer_on_a_users_own_data(tmp_path, toy_cac
     assert_quiet_console(run, log, steps=3)
 
 
+def test_a_collapsing_run_ends_with_its_last_weights_saved_and_evaluated(tmp_path, toy_cache):
+    """PiSSA at 10x the toy's lr: after one step every answer is wrong, so the next step's dynamic
+    sampling finds no group left to learn from. That ends the run as a result (the paper's PiSSA
+    collapse), not a crash: the weights after the last completed step are checkpointed (save_freq
+    would not have), evaluated on the held-out set, and summary.json says where it stopped; `perl
+    train` exits 3."""
+    from perl.verl_glue.checkpoints import MANIFEST
+    from perl.verl_glue.run_dir import COLLAPSED, latest_step
+
+    run = str(tmp_path / "pissa-collapse")
+    rc, log = run_perl(run, "peft.name=pissa", *[o for o in E2E if o != "perl.heldout=null"],
+                       "trainer.total_training_steps=6", "trainer.save_freq=10", "actor_rollout_ref.actor.optim.lr=1e-2",
+                       "algorithm.filter_groups.max_num_gen_batches=4", "perl.toy.heldout_size=16", "perl.heldout.k=1",
+                       cache=toy_cache)
+    record = json.load(open(os.path.join(run, COLLAPSED)))
+    failed, last = record["failed_step"], record["last_step"]
+    assert rc == 3 and 2 <= failed <= 6 and last == failed - 1, (rc, record, log[-3000:])
+    assert f"[perl] training collapsed at step {failed}/6: dynamic sampling: 4 batches' worth" in log
+    assert [r["step"] for r in metrics(run)] == list(range(1, failed))
+    assert latest_step(run) == last and os.path.exists(os.path.join(run, f"global_step_{last}", MANIFEST))
+    assert_checkpoint(run, last, "pissa")
+    summary = json.load(open(os.path.join(run, "summary.json")))
+    assert summary["collapsed_at_step"] == failed and summary["steps"] == last
+    # the collapsed weights were evaluated, not the base's (PiSSA's collapse: measured 0.562 -> 0.000)
+    assert summary["eval_problems"] == 16 and summary["eval_after"] < summary["eval_before"], summary
+    from perl.verl_glue.heldout import FINAL_MODEL, STEP_STAMP
+
+    assert json.load(open(os.path.join(run, FINAL_MODEL, STEP_STAMP)))["step"] == last
+
+
 # verl's GPU defaults, which every CPU run overrides: gradient checkpointing on, FSDP2 parameters in
 # bf16 with fp32 reduction (issue 26; the engine-level check of every method is tests/dist/verl_engine.py)
 GPU_DEFAULTS = ["actor_rollout_ref.model.enable_gradient_checkpointing=true",
