@@ -56,16 +56,23 @@ def run_perl(run_dir: str, *overrides: str, cache: str, timeout: int = 900, log_
     log_path = os.path.join(os.path.dirname(run_dir), f"{os.path.basename(run_dir)}.{log_name}")
     cmd = [sys.executable, "-m", "perl.verl_glue", "--config", TOY, f"trainer.default_local_dir={run_dir}", *overrides]
     env = dict(os.environ, PERL_CACHE=cache, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    return run_command(cmd, env, log_path, kill_on=f"[perl] step {kill_after_step}/" if kill_after_step else None,
+                       timeout=timeout)
+
+
+def run_command(cmd: list[str], env: dict, log_path: str, kill_on: str | None = None,
+                timeout: int = 900) -> tuple[int, str]:
+    """Run `cmd` in its own session with its output in `log_path`; SIGKILL its whole process group
+    (the trainer, Ray and vLLM: like a machine going down) once `kill_on` is printed."""
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
         deadline = time.monotonic() + timeout
-        marker = f"[perl] step {kill_after_step}/" if kill_after_step else None
         try:
             while proc.poll() is None:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{' '.join(cmd)} still running after {timeout} s")
-                if marker and marker in open(log_path).read():
-                    os.killpg(proc.pid, signal.SIGKILL)  # the trainer, Ray and vLLM: like a machine going down
+                if kill_on and kill_on in open(log_path).read():
+                    os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait()
                     break
                 time.sleep(0.5)
@@ -385,28 +392,6 @@ def assert_tinylora_trained_its_13_parameters(run: str, tmp_path) -> None:
         open(os.path.join(base_dir, "config.json")))["num_hidden_layers"]
 
 
-def run_bench(cmd: list[str], env: dict, log_path: str, kill_on: str | None = None, timeout: int = 1200) -> tuple[int, str]:
-    """`perl bench toy` as a user runs it; SIGKILL its whole process group once `kill_on` is printed."""
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        try:
-            while proc.poll() is None:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{' '.join(cmd)} still running after {timeout} s")
-                if kill_on and kill_on in open(log_path).read():
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
-                    break
-                time.sleep(0.5)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-            _reap_session(proc.pid)
-    return proc.returncode, open(log_path).read()
-
-
 def test_bench_toy_study_trains_ia3_with_tspmo_and_tinylora_resumes_after_a_stop_and_writes_its_tables(
         tmp_path, toy_cache):
     """`perl bench toy` = one verl run per cell; here two cells at seed 1: IA3 (a non-LoRA method:
@@ -418,11 +403,11 @@ def test_bench_toy_study_trains_ia3_with_tspmo_and_tinylora_resumes_after_a_stop
     cmd = [sys.executable, "-m", "perl.cli", "bench", "toy", "--config", TOY, "--methods", "ia3@tspmo", "tinylora",
            "--seeds", "1", "--out", str(out), *overrides]
     env = dict(os.environ, PERL_CACHE=toy_cache, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    rc, log = run_bench(cmd, env, str(tmp_path / "a.log"), kill_on="[perl bench] [2/2] tinylora/x1_seed1: training")
+    rc, log = run_command(cmd, env, str(tmp_path / "a.log"), kill_on="[perl bench] [2/2] tinylora/x1_seed1: training")
     assert rc == -signal.SIGKILL and "[perl bench] [1/2] ia3@tspmo/x1_seed1: training" in log, log[-3000:]
     first = out / "ia3@tspmo" / "x1_seed1"
     assert json.load(open(first / "summary.json"))["steps"] == 3
-    rc, log = run_bench(cmd, env, str(tmp_path / "b.log"))
+    rc, log = run_command(cmd, env, str(tmp_path / "b.log"), timeout=1200)
     assert_ok(rc, log)
     assert "[perl bench] [1/2] ia3@tspmo/x1_seed1: finished before, reused" in log  # not retrained
     assert "[perl bench] [2/2] tinylora/x1_seed1: training" in log
@@ -456,7 +441,7 @@ def test_bench_toy_study_trains_ia3_with_tspmo_and_tinylora_resumes_after_a_stop
                  "resolved_config.yaml"):
         assert os.path.exists(os.path.join(run, name)), name
     # a third run finds every cell finished and only rewrites the tables: no trainer starts
-    rc, log = run_bench(cmd, env, str(tmp_path / "c.log"), timeout=300)
+    rc, log = run_command(cmd, env, str(tmp_path / "c.log"), timeout=300)
     assert_ok(rc, log)
     assert ": training" not in log and log.count("finished before, reused") == 2 and "[perl] step" not in log
 

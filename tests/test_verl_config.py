@@ -337,3 +337,8 @@ def test_ray_env_vars_given_as_numbers_become_strings_and_others_are_refused(pat
     assert env.VLLM_ENABLE_V1_MULTIPROCESSING == "1" and env.MY_FLAG == "true" and env.VERL_PLATFORM == "cpu"
     with pytest.raises(vc.ConfigError, match="env_vars.BAD: an environment variable is a string"):
         vc.compose({}, ready(paths, "+ray_kwargs.ray_init.runtime_env.env_vars.BAD=[1,2]"))
+    # null: no such variable (Ray refuses a None value with a TypeError after the config check)
+    cfg = vc.compose({}, ready(paths, "trainer.device=cpu", "trainer.n_gpus_per_node=1",
+                               "+ray_kwargs.ray_init.runtime_env.env_vars.MY_FLAG=null"))
+    env = cfg.ray_kwargs.ray_init.runtime_env.env_vars
+    assert "MY_FLAG" not in env and env.VERL_PLATFORM == "cpu"

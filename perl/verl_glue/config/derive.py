@@ -175,18 +175,21 @@ def derive(cfg: DictConfig) -> None:
 def env_vars_as_strings(cfg: DictConfig) -> None:
     """Ray's runtime env takes only string values (`...env_vars.X=1` on the command line parses as an
     int, and Ray would stop with a TypeError after the config check): numbers and booleans become
-    their text; anything else is refused naming the key."""
+    their text; `X=null` leaves the variable out (Ray refuses None); anything else is refused naming
+    the key."""
     env = OmegaConf.select(cfg, "ray_kwargs.ray_init.runtime_env.env_vars")
     if env is None:
         return
     with open_dict(env):
         for key in list(env.keys()):
             value = env[key]
-            if isinstance(value, bool):
+            if value is None:
+                del env[key]
+            elif isinstance(value, bool):
                 env[key] = str(value).lower()
             elif isinstance(value, (int, float)):
                 env[key] = str(value)
-            elif value is not None and not isinstance(value, str):
+            elif not isinstance(value, str):
                 raise ConfigError(f"ray_kwargs.ray_init.runtime_env.env_vars.{key}: an environment variable "
                                   f"is a string, got {value!r}")
 
