@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from perl.methods import CATEGORIES, METHODS
+from perl.methods.claims import CLAIMS, REFERENCE
 
 
 @dataclass(frozen=True)
@@ -163,19 +164,6 @@ def eta_line(done_s: list[float], remaining: int) -> str:
 
 
 
-# The paper's claims (arXiv 2512.23165) and TinyLoRA's, as comparisons the study's numbers can check:
-# (claim, variants, the test each variant is put to). "vs_lora": the variant's Avg@k after training
-# against LoRA's; "collapse": whether it ends below the base model; "gain_share": its gain over the
-# base as a share of LoRA's gain.
-CLAIMS = (
-    ("structural variants beat LoRA (paper, Finding 1)", ("dora", "adalora", "miss"), "vs_lora"),
-    ("extreme reductions hit an expressivity floor (paper, Finding 2)", ("vera", "ia3", "lora:r1", "ln_tuning"),
-     "gain_share"),
-    ("SVD-initialised methods collapse (paper, Finding 3)", ("pissa", "milora"), "collapse"),
-    ("13 parameters recover most of RL's gain (TinyLoRA)", ("tinylora",), "gain_share"),
-)
-
-
 def _verdict(test: str, after: float, std: float, lora: float, lora_std: float, base: float,
              collapsed: int = 0) -> str:
     """One comparison, read against the seed spread: a difference within one combined std of the two
@@ -202,12 +190,12 @@ def findings_markdown(df: pd.DataFrame, base: float, search_seeds: list[int] | N
     (where the shared lr ran on one seed, it has no spread of its own)."""
     shared = by_lr(df[df.seed.isin(search_seeds)] if search_seeds is not None else df).set_index(["variant", "lr_mult"])
     best = best_lr(df, search_seeds).set_index("variant")
-    if "lora" not in best.index:
+    if REFERENCE not in best.index:
         return "(LoRA, the reference of every claim, has no finished cell yet)"
     lines = ["| claim | method | shared lr: Avg@k (seeds) | verdict | best lr: Avg@k mean +- std (seeds) | verdict |",
              "|---|---|---:|---|---:|---|"]
-    lora = best.loc["lora"]
-    lora_shared = shared.loc[("lora", shared_mult)] if ("lora", shared_mult) in shared.index else None
+    lora = best.loc[REFERENCE]
+    lora_shared = shared.loc[(REFERENCE, shared_mult)] if (REFERENCE, shared_mult) in shared.index else None
     for claim, variants, test in CLAIMS:
         for v in variants:
             if v not in best.index:
