@@ -101,3 +101,18 @@ def test_in_process_scoring_runs_verls_reward_worker_with_perls_reward(cfg):
     assert right["reward_extra_info"]["acc"] == 1.0 and wrong["reward_extra_info"]["acc"] == 0.0
 
 
+
+
+def test_each_completion_gets_a_seed_of_its_own_reproducible_across_runs():
+    """perl.seeded_rollouts: one seed per (rollout.seed, step, validate, prompt index, place in the
+    group); verl's full_determinism would give a whole group one seed (identical completions)."""
+    from perl.verl_glue.agent_loop import completion_seed
+
+    traj = {"step": 3, "validate": False, "sample_index": 17, "rollout_n": 0}
+    group = [completion_seed(0, traj, i) for i in range(8)]
+    assert len(set(group)) == 8 and all(0 <= s < 2**31 for s in group)
+    assert group == [completion_seed(0, dict(traj), i) for i in range(8)]  # a rerun draws the same
+    others = {completion_seed(1, traj, 0), completion_seed(0, {**traj, "step": 4}, 0),
+              completion_seed(0, {**traj, "sample_index": 18}, 0), completion_seed(0, {**traj, "validate": True}, 0),
+              completion_seed(0, {**traj, "rollout_n": 1}, 0)}
+    assert len(others) == 5 and group[0] not in others

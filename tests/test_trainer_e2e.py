@@ -27,6 +27,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 
 import pytest
 import torch
@@ -212,6 +213,21 @@ def assert_dynamic_sampling_dropped_flat_groups(run_dir: str, group_size: int = 
             groups.setdefault(key.rsplit("_", 2)[0], []).append(float(score.sum()))
         assert len(groups) == 4 and all(len(g) == group_size for g in groups.values()), groups  # 4 prompts x n
         assert all(max(g) > min(g) for g in groups.values()), (step, groups)  # no all-equal group trained
+
+
+def completions(run_dir: str, step: int) -> dict[tuple, list[tuple]]:
+    """A step's training batch from its rollout dump: {prompt tokens: its completions' token ids}."""
+    rec = torch.load(os.path.join(run_dir, "rollouts", f"step_{step}.pt"))
+    out: dict[tuple, list[tuple]] = {}
+    for prompt, response, mask in zip(rec["prompts"], rec["responses"], rec["response_mask"]):
+        out.setdefault(tuple(prompt.tolist()), []).append(tuple(response[mask.bool()].tolist()))
+    return out
+
+
+def within_group_agreement(groups: dict[tuple, list[tuple]]) -> float:
+    """How often two completions of one prompt are identical (the chance level of agreement)."""
+    pairs = [(a, b) for g in groups.values() for i, a in enumerate(g) for b in g[i + 1:]]
+    return sum(a == b for a, b in pairs) / max(1, len(pairs))
 
 
 def assert_quiet_console(run_dir: str, log: str, steps: int) -> None:
@@ -469,6 +485,7 @@ def test_rerun_resumes_and_a_killed_run_resumes_from_its_last_checkpoint(tmp_pat
     assert_dynamic_sampling_dropped_flat_groups(run, group_size=8, dropped=False)  # G=8: a flat group is rare
     first = json.load(open(os.path.join(run, "summary.json")))
     assert first["steps"] == 4 and first["resumed_from"] == 0
+    first_rollouts = {step: completions(run, step) for step in (3, 4)}  # rewritten by the resume below
 
     # 6 steps, killed once step 5 is logged (no checkpoint at 5: save_freq=2): the directory still
     # holds the complete checkpoint of step 4
@@ -493,6 +510,18 @@ def test_rerun_resumes_and_a_killed_run_resumes_from_its_last_checkpoint(tmp_pat
     assert f"{os.path.relpath(shard, os.path.dirname(actor4))} has" in log  # the damaged file, named
     assert "resuming from checkpoint 2, the newest intact one" in log
     assert "[perl] resuming at step 2/6" in log and "[perl] step 5/6" in log
+    # steps 3-4 again from checkpoint 2's weights and data position: with seeded rollouts (the toy's
+    # perl.seeded_rollouts) vLLM sampled the same completions for the same prompts, though the
+    # requests reached it in another order; by chance, two samples of one prompt agree far less often
+    for step in (3, 4):
+        again, before = completions(run, step), first_rollouts[step]
+        shared = [k for k in again if k in before]
+        same = sum(sum((Counter(again[k]) & Counter(before[k])).values()) for k in shared) / sum(
+            len(again[k]) for k in shared)
+        chance = within_group_agreement(before)
+        print(f"step {step}: {len(shared)} prompts in both runs, {same:.0%} of their completions found again "
+              f"(two samples of one prompt within a run: {chance:.0%})")
+        assert len(shared) >= 2 and same >= 0.9 and same > chance + 0.2, (step, same, chance)
     assert latest_step(run) == 6 and [r["step"] for r in metrics(run)] == [1, 2, 3, 4, 5, 6]
     from perl.verl_glue.run_dir import progress_line
 

@@ -1,18 +1,20 @@
-"""PeRL's agent-loop manager: verl's TransferQueue agent loop with two per-completion costs paid once.
+"""PeRL's agent-loop manager: verl's TransferQueue agent loop, cheaper per completion and seedable.
 
 verl 0.9.1's `AgentLoopWorkerTQ` runs one coroutine per completion. For each one it builds a fresh
 agent loop through hydra (`hydra.utils.instantiate`: an OmegaConf merge of the whole trainer config,
 and a new Continuous Token builder that logs a warning), and scores it with a Ray call to a
 separate reward worker carrying a fresh `DataProto`. For the toy's 128+ completions a step this is
 ~14 ms of CPU per completion in the one agent-loop process, more than vLLM spends generating them
-(docs/benchmarks.md, "The toy step"). `PerlAgentLoopManager` changes two things, through verl's
+(docs/benchmarks.md, "The toy step"). `PerlAgentLoopManager` changes three things, through verl's
 `actor_rollout_ref.rollout.agent.agent_loop_manager_class` hook, and nothing of what a completion
-is:
+is (a seeded one is drawn from the same distribution):
 
 - **one agent loop per worker** for `single_turn_agent` (the only loop PeRL's data asks for): its
   state is the config, the tokenizer and the token builder, all fixed for the run; `run()` keeps
   nothing between calls (verl 0.9.1 `single_turn_agent_loop.py`). Other agent loops, which may
   keep per-trajectory state (tools), are still built per completion, as verl does;
+- **a seed per completion** with `perl.seeded_rollouts` (`completion_seed`), so rollouts are
+  reproducible (verl's sampling draws from vLLM's shared generator in request order);
 - **in-process scoring when `reward.num_workers=0`** (the CPU profile): verl's own
   `RewardLoopWorker` (the same reward manager, custom reward function and overlong buffer) runs
   inside the agent-loop worker, called directly instead of through Ray; with reward workers
@@ -24,6 +26,7 @@ The manager is verl's `AgentLoopManagerTQ` with this worker class; the contract 
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import ray
@@ -80,9 +83,13 @@ class _PerlAgentLoopWorker(AgentLoopWorkerTQ.__ray_actor_class__):
     async def _run_agent_loop(self, sampling_params: dict[str, Any], trajectory: dict[str, Any], *,
                               agent_name: str, trace: bool = True, **kwargs):
         """verl's `AgentLoopWorker._run_agent_loop` (verl 0.9.1, agent_loop.py), the agent loop
-        taken from `_agent_loop` instead of built each time."""
+        taken from `_agent_loop` instead of built each time; with `perl.seeded_rollouts`, the
+        completion's own seed in its sampling params."""
         from verl.utils.rollout_trace import rollout_trace_attr
 
+        if self.config.perl.get("seeded_rollouts"):
+            sampling_params = {**sampling_params, "seed": completion_seed(
+                self.config.actor_rollout_ref.rollout.seed, trajectory, kwargs.get("session_id", 0))}
         with rollout_trace_attr(step=trajectory["step"], sample_index=trajectory["sample_index"],
                                 rollout_n=trajectory["rollout_n"], validate=trajectory["validate"],
                                 name="agent_loop", trace=trace):
@@ -99,6 +106,16 @@ class PerlAgentLoopManager(AgentLoopManagerTQ):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.agent_loop_workers_class = PerlAgentLoopWorker
+
+
+def completion_seed(base: int, trajectory: dict[str, Any], session: int) -> int:
+    """The vLLM sampling seed of one completion: a hash of the run's rollout seed, the step, whether
+    it validates, the prompt's data index (verl's `extra_info.index`) and its place in the group
+    (verl's `session_id`, 0..n-1, with the TransferQueue loop; `rollout_n` in verl's other one). Reproducible across reruns, distinct within a step. (verl's own
+    `full_determinism` seeds every request with `rollout.seed + replica`: one seed for a whole group.)"""
+    key = (f"{base}/{int(trajectory['step'])}/{bool(trajectory['validate'])}/{trajectory['sample_index']}/"
+           f"{int(trajectory['rollout_n'])}/{int(session)}")
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=4).digest(), "little") & 0x7FFFFFFF
 
 
 def in_process_reward(config) -> bool:

@@ -71,6 +71,8 @@ class PerlBlock:
     dataset_rows: int | None = _f(None, "training-set rows for the run arithmetic when the parquet is not at hand")
     derived: dict | None = _f(None, "written by PeRL: the run arithmetic (do not set)")
     dump_rollout_tokens: bool = _f(False, "write each step's batch as token ids + log-probs (<run>/rollouts/)")
+    seeded_rollouts: bool = _f(False, "each completion sampled with its own seed from rollout.seed, the step, the "
+                                      "prompt's index and its place in the group: rollouts reproducible")
     reward: dict = _f({}, "the math reward's format rules (perl.reward.reward_config); {}: the paper's")
     gpu_memory_gb: float | None = _f(None, "GB per GPU for the memory estimate of the config check; null: the "
                                            "smallest GPU torch sees, else 80 (a dry run elsewhere)")
