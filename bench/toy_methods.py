@@ -69,6 +69,10 @@ def main() -> None:
         f"{grid_text(report['lr_grids'])} of each method's default (adapters at the toy's lr, full fine-tuning at "
         f"0.1x){extended_text(report)}; seeds {args.seeds} at each method's best lr. Held-out: Avg@4 on 200 unseen problems, "
         f"the same sample seeds before and after. Machine time of the cells: {report['machine_s'] / 3600:.2f} h.",
+        *(["", f"**A study under way**: {len(report['unfinished'])} of its cells have not finished "
+           f"({', '.join(report['unfinished'][:8])}{', ...' if len(report['unfinished']) > 8 else ''}); the "
+           "tables below hold the finished ones, and a variant whose lr search is incomplete has its lr chosen "
+           "among the finished cells."] if report.get("unfinished") else []),
         "",
         open(report["tables"]["study_markdown"]).read().strip(),
         "",

@@ -167,7 +167,8 @@ def test_a_collapsed_cell_is_marked_and_counts_as_a_collapse():
     from perl.toy.study import findings_markdown, lr_sensitivity_markdown
 
     base = 0.58
-    cells_ = [("lora", 1, 0, 0.80, None), ("milora", 1, 0, 0.60, 4), ("milora", 4, 0, 0.50, 3)]
+    cells_ = [("lora", 1, 0, 0.80, None), ("milora", 1, 0, 0.60, 4), ("milora", 4, 0, 0.50, 3),
+              ("dora", 1, 0, 0.81, None)]
     df = frame([{"variant": v, "lr_mult": float(m), "seed": s, "label": v, "lr": m, "before": base, "after": a,
                  "gain": a - base, "trainable_percent": 1.0, "wall_s": 1.0, "collapsed_at_step": c}
                 for v, m, s, a, c in cells_])
@@ -176,3 +177,15 @@ def test_a_collapsed_cell_is_marked_and_counts_as_a_collapse():
     # above the base at its best lr, yet its training stopped early: a collapse all the same
     assert "| 0.600 (1) | +0.020 vs base, training stopped early in 1: collapsed |" in row
     assert by_lr(df).set_index("variant").loc["lora", "collapsed"] == 0
+    dora = [line for line in findings_markdown(df, base, [0]).splitlines() if "| dora |" in line][0]
+    assert "+0.010 vs LoRA: above (one seed: no spread yet)" in dora  # one seed each: no spread to read against
+
+
+def test_a_study_under_way_plans_no_seed_cells_for_a_variant_without_finished_search_cells():
+    """`--no-train` (the tables of a study under way) skips unfinished cells: a variant none of whose
+    search cells has finished has no best lr yet, so neither its extension nor its other seeds."""
+    from perl.toy.bench import study_plan
+
+    rows = []  # nothing finished
+    got = [c.name for c in study_plan({"lora": [1.0, 4.0]}, [0, 1], 1, rows, extend_up=1)]
+    assert got == ["lora/x1_seed0", "lora/x4_seed0"]

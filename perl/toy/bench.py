@@ -76,7 +76,7 @@ def variant_overrides(variant: str, out_dir: str, overrides: list[str]) -> list[
 def study_from_args(args, config_path: str, out: str, overrides: list[str]) -> dict[str, Any]:
     return bench_toy(config_path, args.methods or study_variants(), out, overrides, seeds=args.seeds,
                      lr_grid=args.lr_grid, lr_grid_for=args.lr_grid_for, search_seeds=args.lr_search_seeds,
-                     extend_up=args.lr_extend_up)
+                     extend_up=args.lr_extend_up, train=not args.no_train)
 
 
 def cell_overrides(config_path: str, cell: Cell, out: str, overrides: list[str]) -> list[str]:
@@ -142,8 +142,9 @@ def study_plan(grids: dict[str, list[float]], seeds: list[int], search_seeds: in
     `on_extend(n)` hears of the n cells each extension adds."""
     search, rest = seeds[:search_seeds], seeds[search_seeds:]
 
-    def best_mult(variant: str) -> float:
-        return float(best_lr(frame([r for r in rows if r["variant"] == variant and r["seed"] in search])).lr_mult.iloc[0])
+    def best_mult(variant: str) -> float | None:
+        done = [r for r in rows if r["variant"] == variant and r["seed"] in search]
+        return float(best_lr(frame(done)).lr_mult.iloc[0]) if done else None  # None: none finished (no training)
 
     for variant, grid in grids.items():
         grid = sorted(grid)
@@ -158,8 +159,8 @@ def study_plan(grids: dict[str, list[float]], seeds: list[int], search_seeds: in
             if on_extend is not None:
                 on_extend(len(search))
             yield from cells([variant], [grid[-1]], search)
-        if rest:
-            chosen = best_mult(variant)
+        chosen = best_mult(variant) if rest else None
+        if chosen is not None:
             if progress and len(grid) > 1:
                 print(f"[perl bench] {variant}: best lr x{chosen:g} on seed(s) {search}; seeds {rest} there", flush=True)
             yield from cells([variant], [chosen], rest)
@@ -168,11 +169,12 @@ def study_plan(grids: dict[str, list[float]], seeds: list[int], search_seeds: in
 def bench_toy(config_path: str, variants: list[str], out: str, overrides: list[str] | None = None,
               progress: bool = True, seeds: list[int] | None = None, lr_grid: list[float] | None = None,
               lr_grid_for: list[str] | None = None, search_seeds: int | None = None,
-              extend_up: int = 0) -> dict[str, Any]:
+              extend_up: int = 0, train: bool = True) -> dict[str, Any]:
     """Train every cell (finished ones are reused), then write the tables and plots.
 
     Per variant: its lr grid on the first `search_seeds` seeds (default: every seed, the full
-    grid; `extend_up`: see study_plan), then the remaining seeds at the lr that did best there."""
+    grid; `extend_up`: see study_plan), then the remaining seeds at the lr that did best there.
+    `train=False`: the tables of the cells finished so far (a study under way), nothing trained."""
     from perl.analysis.tables import write_tables
     from perl.verl_glue.entry import prepare, run
     from perl.verl_glue.heldout import BEFORE_DIR
@@ -187,11 +189,14 @@ def bench_toy(config_path: str, variants: list[str], out: str, overrides: list[s
         raise ValueError(f"--lr-search-seeds: between 1 and the number of --seeds ({len(seeds)}), got {search_seeds}")
     search = seeds[:search_seeds]
     total = [plan_size(grids, seeds, search_seeds)]  # grows when a grid is extended
-    rows, trained_s, started = [], [], time.perf_counter()
+    rows, trained_s, skipped, started = [], [], [], time.perf_counter()
 
     def train_or_reuse(cell: Cell) -> None:
         _, cfg, _ = prepare(["--config", config_path, *cell_overrides(config_path, cell, out, overrides)])
         summary = finished(os.path.join(out, cell.name), cfg)
+        if summary is None and not train:
+            skipped.append(cell.name)
+            return
         if summary is None:
             if progress:
                 print(f"[perl bench] [{len(rows) + 1}/{total[0]}] {cell.name}: training"
@@ -212,6 +217,11 @@ def bench_toy(config_path: str, variants: list[str], out: str, overrides: list[s
 
     for cell in study_plan(grids, seeds, search_seeds, rows, progress, extend_up, extended):
         train_or_reuse(cell)
+    if skipped and progress:
+        print(f"[perl bench] not finished, left out: {len(skipped)} cells ({', '.join(skipped[:6])}"
+              + (", ..." if len(skipped) > 6 else "") + ")", flush=True)
+    if not rows:
+        raise ValueError(f"{out}: no finished cell of this study yet")
     tables = os.path.join(out, "tables")
     base = rows[0]["before"]  # the same cold start and held-out set for every cell
     best = best_lr(frame(rows), search)
@@ -221,6 +231,7 @@ def bench_toy(config_path: str, variants: list[str], out: str, overrides: list[s
     paths.update(write_study(rows, base, tables, search))
     report = {"runs": rows, "tables": paths, "config": config_path, "overrides": overrides, "seeds": seeds,
               "lr_grids": grids, "search_seeds": search, "machine_s": sum(r["wall_s"] or 0 for r in rows),
+              "unfinished": skipped,
               "this_sitting_s": time.perf_counter() - started}
     with atomic_file(os.path.join(out, "bench_toy.json")) as tmp, open(tmp, "w") as f:
         json.dump(report, f, indent=2)

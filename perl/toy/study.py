@@ -165,21 +165,24 @@ def eta_line(done_s: list[float], remaining: int) -> str:
 
 
 def _verdict(test: str, after: float, std: float, lora: float, lora_std: float, base: float,
-             collapsed: int = 0) -> str:
+             collapsed: int = 0, spread_known: bool = True) -> str:
     """One comparison, read against the seed spread: a difference within one combined std of the two
     (sqrt(std_a^2 + std_b^2)) is a tie, not a finding. A collapse: training stopped early (dynamic
-    sampling found no group left to learn from) or the result ended below the base."""
+    sampling found no group left to learn from) or the result ended below the base.
+    `spread_known=False` (one seed on a side): the verdict says it has no spread to read against."""
     spread = math.hypot(std, lora_std)
+    caveat = "" if spread_known else " (one seed: no spread yet)"
     if test == "vs_lora":
         d = after - lora
-        return f"{d:+.3f} vs LoRA: " + ("above" if d > spread else "below" if d < -spread else "tie (within spread)")
+        word = "above" if d > spread else "below" if d < -spread else "tie (within spread)"
+        return f"{d:+.3f} vs LoRA: {word}{caveat}"
     if test == "collapse":
         stopped = f", training stopped early in {collapsed}" if collapsed else ""
-        return f"{after - base:+.3f} vs base{stopped}: " + ("collapsed" if collapsed or after < base - std
-                                                           else "no collapse")
+        word = "collapsed" if collapsed or after < base - std else "no collapse"
+        return f"{after - base:+.3f} vs base{stopped}: {word}{caveat if not collapsed else ''}"
     share = (after - base) / (lora - base) if lora > base else float("nan")
     floor = after < lora - spread and share < 0.5
-    return f"{share:.0%} of LoRA's gain: " + ("floor" if floor else "no floor")
+    return f"{share:.0%} of LoRA's gain: {'floor' if floor else 'no floor'}{caveat}"
 
 
 def findings_markdown(df: pd.DataFrame, base: float, search_seeds: list[int] | None = None,
@@ -201,13 +204,14 @@ def findings_markdown(df: pd.DataFrame, base: float, search_seeds: list[int] | N
             if v not in best.index:
                 continue
             b = best.loc[v]
+            known = b.seeds > 1 and lora.seeds > 1  # a spread to read the differences against
             best_text = (f"{b.after:.3f} +- {b.after_std:.3f} at x{b.lr_mult:g} ({b.seeds})",
-                         _verdict(test, b.after, b.after_std, lora.after, lora.after_std, base, b.collapsed))
+                         _verdict(test, b.after, b.after_std, lora.after, lora.after_std, base, b.collapsed, known))
             shared_text = ("–", "–")
             if (v, shared_mult) in shared.index and lora_shared is not None:
                 s = shared.loc[(v, shared_mult)]
                 shared_text = (f"{s.after:.3f} ({s.seeds})",
                                _verdict(test, s.after, b.after_std, lora_shared.after, lora.after_std, base,
-                                        s.collapsed))
+                                        s.collapsed, known))
             lines.append(f"| {claim} | {b.label} | {shared_text[0]} | {shared_text[1]} | {best_text[0]} | {best_text[1]} |")
     return "\n".join(lines)
