@@ -337,6 +337,12 @@ def test_agent_loop_manager_hook_and_the_worker_internals_perl_reuses():
     run = single[single.index("    async def run("):]
     assert "self." in run and not any(line.strip().startswith("self.") and "=" in line.split("(")[0]
                                       for line in run.splitlines())
+    # perl.seeded_rollouts: the group's place reaches _run_agent_loop as session_id, and verl's server
+    # hands a given seed to vLLM's SamplingParams (its own full_determinism seed is only a default)
+    assert "self._run_agent_loop(\n                        run_sampling_params, trajectory=trajectory, trace=trace, session_id=i, **prompt" in tq
+    server = _source("verl.workers.rollout.vllm_rollout.vllm_async_server")
+    assert 'sampling_params.setdefault("seed", self.replica_rank + self.config.seed)' in server
+    assert "sampling_params = SamplingParams(max_tokens=max_tokens, **sampling_params)" in server
     reward = _source("verl.experimental.reward_loop.reward_loop")
     assert "    def __init__(self, config: DictConfig, reward_router_address: str = None):" in reward
     assert "self.reward_loop_workers_class.options(" in reward and "num_workers = self.config.reward.num_workers" in reward
