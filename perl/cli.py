@@ -275,6 +275,9 @@ def add_study_arguments(p) -> None:
     p.add_argument("--lr-extend-up", type=int, default=0, metavar="N",
                    help="while a variant's best lr is the largest of its grid, up to N more points above it "
                         "(each x the grid's last ratio) before its other seeds run (default: 0)")
+    p.add_argument("--lr-extend-down", type=int, default=0, metavar="N",
+                   help="while even a variant's best lr ends below the base model (a grid too high), up to N "
+                        "more points below it (default: 0)")
     p.add_argument("--no-train", action="store_true",
                    help="write the tables from the cells finished so far (a study under way); train nothing")
 

@@ -189,3 +189,20 @@ def test_a_study_under_way_plans_no_seed_cells_for_a_variant_without_finished_se
     rows = []  # nothing finished
     got = [c.name for c in study_plan({"lora": [1.0, 4.0]}, [0, 1], 1, rows, extend_up=1)]
     assert got == ["lora/x1_seed0", "lora/x4_seed0"]
+
+
+def test_a_grid_whose_best_still_ends_below_the_base_is_extended_downwards():
+    """`--lr-extend-down 1`: LoRA+ collapsed at x1 and x4 (below the base 0.5) gets x0.25 before its
+    other seeds; LoRA, above the base, gets nothing."""
+    from perl.toy.bench import study_plan
+
+    after = {("lora", 1.0): 0.8, ("lora", 4.0): 0.7, ("lora_plus", 1.0): 0.1, ("lora_plus", 4.0): 0.0,
+             ("lora_plus", 0.25): 0.8}
+    got, results = [], []
+    for cell in study_plan({"lora": [1.0, 4.0], "lora_plus": [1.0, 4.0]}, [0, 1], 1, results, extend_down=1):
+        got.append(cell.name)
+        results.append({"variant": cell.variant, "lr_mult": cell.lr_mult, "seed": cell.seed, "label": cell.variant,
+                        "lr": cell.lr_mult, "after": after[(cell.variant, cell.lr_mult)], "before": 0.5, "gain": 0.0,
+                        "trainable_percent": 1.0, "wall_s": 1.0})
+    assert got == ["lora/x1_seed0", "lora/x4_seed0", "lora/x1_seed1", "lora_plus/x1_seed0", "lora_plus/x4_seed0",
+                   "lora_plus/x0.25_seed0", "lora_plus/x0.25_seed1"]

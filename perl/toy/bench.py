@@ -76,7 +76,7 @@ def variant_overrides(variant: str, out_dir: str, overrides: list[str]) -> list[
 def study_from_args(args, config_path: str, out: str, overrides: list[str]) -> dict[str, Any]:
     return bench_toy(config_path, args.methods or study_variants(), out, overrides, seeds=args.seeds,
                      lr_grid=args.lr_grid, lr_grid_for=args.lr_grid_for, search_seeds=args.lr_search_seeds,
-                     extend_up=args.lr_extend_up, train=not args.no_train)
+                     extend_up=args.lr_extend_up, train=not args.no_train, extend_down=args.lr_extend_down)
 
 
 def cell_overrides(config_path: str, cell: Cell, out: str, overrides: list[str]) -> list[str]:
@@ -133,18 +133,31 @@ def lr_grids(variants: list[str], lr_grid: list[float], per_variant: list[str] |
 
 def study_plan(grids: dict[str, list[float]], seeds: list[int], search_seeds: int, rows: list[dict],
                progress: bool = False, extend_up: int = 0,
-               on_extend: Callable[[int], None] | None = None) -> Iterator[Cell]:
+               on_extend: Callable[[int], None] | None = None, extend_down: int = 0) -> Iterator[Cell]:
     """The cells in order, variant by variant: its lr grid on the first `search_seeds` seeds, then
     the other seeds at the lr whose mean was best there. `rows`: the results, appended by the caller
     after each cell (the choice reads them). `extend_up`: while the best lr is the grid's largest, up
     to this many more points above it, each its top times the grid's last ratio (x4 for 1/4), so a
     search cut off below a method's optimum (low-parameter methods at a shared lr) continues;
+    `extend_down`: while even the best lr ends below the base model (every lr of the grid too high:
+    the run collapsed or unlearned), up to this many points below the grid's bottom.
     `on_extend(n)` hears of the n cells each extension adds."""
     search, rest = seeds[:search_seeds], seeds[search_seeds:]
 
-    def best_mult(variant: str) -> float | None:
+    def best(variant: str):
         done = [r for r in rows if r["variant"] == variant and r["seed"] in search]
-        return float(best_lr(frame(done)).lr_mult.iloc[0]) if done else None  # None: none finished (no training)
+        return best_lr(frame(done)).iloc[0] if done else None  # None: none finished (no training)
+
+    def best_mult(variant: str) -> float | None:
+        b = best(variant)
+        return None if b is None else float(b.lr_mult)
+
+    def extend(variant: str, mult: float, why: str) -> Iterator[Cell]:
+        if progress:
+            print(f"[perl bench] {variant}: {why}; extending its lr grid to x{mult:g}", flush=True)
+        if on_extend is not None:
+            on_extend(len(search))
+        yield from cells([variant], [mult], search)
 
     for variant, grid in grids.items():
         grid = sorted(grid)
@@ -153,12 +166,13 @@ def study_plan(grids: dict[str, list[float]], seeds: list[int], search_seeds: in
             if len(grid) < 2 or best_mult(variant) != grid[-1]:
                 break
             grid.append(float(f"{grid[-1] * grid[-1] / grid[-2]:.6g}"))
-            if progress:
-                print(f"[perl bench] {variant}: best at the top of its lr grid; extending it to x{grid[-1]:g}",
-                      flush=True)
-            if on_extend is not None:
-                on_extend(len(search))
-            yield from cells([variant], [grid[-1]], search)
+            yield from extend(variant, grid[-1], "best at the top of its lr grid")
+        for _ in range(extend_down):
+            b = best(variant)
+            if len(grid) < 2 or b is None or b.after >= b.before:
+                break
+            grid.insert(0, float(f"{grid[0] * grid[0] / grid[1]:.6g}"))
+            yield from extend(variant, grid[0], f"even its best lr ends below the base ({b.after:.3f} < {b.before:.3f})")
         chosen = best_mult(variant) if rest else None
         if chosen is not None:
             if progress and len(grid) > 1:
@@ -169,11 +183,11 @@ def study_plan(grids: dict[str, list[float]], seeds: list[int], search_seeds: in
 def bench_toy(config_path: str, variants: list[str], out: str, overrides: list[str] | None = None,
               progress: bool = True, seeds: list[int] | None = None, lr_grid: list[float] | None = None,
               lr_grid_for: list[str] | None = None, search_seeds: int | None = None,
-              extend_up: int = 0, train: bool = True) -> dict[str, Any]:
+              extend_up: int = 0, train: bool = True, extend_down: int = 0) -> dict[str, Any]:
     """Train every cell (finished ones are reused), then write the tables and plots.
 
     Per variant: its lr grid on the first `search_seeds` seeds (default: every seed, the full
-    grid; `extend_up`: see study_plan), then the remaining seeds at the lr that did best there.
+    grid; `extend_up`, `extend_down`: see study_plan), then the remaining seeds at the lr that did best there.
     `train=False`: the tables of the cells finished so far (a study under way), nothing trained."""
     from perl.analysis.tables import write_tables
     from perl.verl_glue.entry import prepare, run
@@ -215,7 +229,7 @@ def bench_toy(config_path: str, variants: list[str], out: str, overrides: list[s
     def extended(n: int) -> None:
         total[0] += n
 
-    for cell in study_plan(grids, seeds, search_seeds, rows, progress, extend_up, extended):
+    for cell in study_plan(grids, seeds, search_seeds, rows, progress, extend_up, extended, extend_down):
         train_or_reuse(cell)
     if skipped and progress:
         print(f"[perl bench] not finished, left out: {len(skipped)} cells ({', '.join(skipped[:6])}"
