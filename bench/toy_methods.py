@@ -70,7 +70,9 @@ def main() -> None:
         f"0.1x){extended_text(report)}; seeds {args.seeds} at each method's best lr. Held-out: Avg@4 on 200 unseen problems, "
         f"the same sample seeds before and after. Machine time of the cells: {report['machine_s'] / 3600:.2f} h. "
         "How the study is run and what it cannot say: [docs/study.md](study.md).",
-        *(["", f"**A study under way**: {len(report['unfinished'])} of its cells have not finished "
+        *(["", f"**A study under way**: {len(report['runs'])} "
+           f"cells finished; {len(report['unfinished'])} planned ones have not (and a variant's other seeds are "
+           f"planned only once its lr search has finished) "
            f"({', '.join(report['unfinished'][:8])}{', ...' if len(report['unfinished']) > 8 else ''}); the "
            "tables below hold the finished ones, and a variant whose lr search is incomplete has its lr chosen "
            "among the finished cells."] if report.get("unfinished") else []),
