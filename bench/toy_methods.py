@@ -2,7 +2,8 @@
 
 Usage: python bench/toy_methods.py [--out runs/bench-toy] [--methods ...] [--seeds 0 1 2]
                                    [--lr-grid 0.25 1 4] [--lr-grid-for VARIANT=M,M ...]
-                                   [--lr-search-seeds 1] [key=value ...]
+                                   [--lr-search-seeds 1] [--lr-extend-up 1] [--lr-extend-down 1]
+                                   [--no-train] [key=value ...]
 Cells (variant x lr x seed) finished in --out are reused, so a study stopped part-way resumes
 with the next cell and can be spread over several sittings; the section is rewritten from every
 finished cell each time.
@@ -35,15 +36,20 @@ def grid_text(grids: dict[str, list[float]]) -> str:
 
 
 def extended_text(report: dict) -> str:
-    """', extended upward (--lr-extend-up) for adalora to x16' from the cells that ran beyond a grid."""
-    extra = {}
+    """', extended where ... (--lr-extend-up/-down): adalora up to x16; lora_plus down to x0.25' from
+    the cells that ran beyond a variant's grid."""
+    extra: dict[str, set] = {}
     for r in report["runs"]:
         if r["lr_mult"] not in report["lr_grids"][r["variant"]]:
             extra.setdefault(r["variant"], set()).add(r["lr_mult"])
     if not extra:
         return ""
-    return ", extended upward where the top of the grid won (`--lr-extend-up`): " + "; ".join(
-        f"{v} to x{'/x'.join(f'{m:g}' for m in sorted(ms))}" for v, ms in extra.items())
+    parts = []
+    for v, mults in extra.items():
+        direction = "up" if min(mults) > max(report["lr_grids"][v]) else "down"
+        parts.append(f"{v} {direction} to x{'/x'.join(f'{m:g}' for m in sorted(mults))}")
+    return (", extended where the top of the grid won or even its best ended below the base "
+            "(`--lr-extend-up`/`--lr-extend-down`): " + "; ".join(parts))
 
 
 def main() -> None:
