@@ -17,8 +17,8 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict
 from collections.abc import Callable, Iterator
+from dataclasses import asdict
 from typing import Any
 
 from perl.io import atomic_file

@@ -163,7 +163,6 @@ def eta_line(done_s: list[float], remaining: int) -> str:
         f"; ~{per / 60:.1f} min a cell, ~{math.ceil(left / 60)} min left"
 
 
-
 def _verdict(test: str, after: float, std: float, lora: float, lora_std: float, base: float,
              collapsed: int = 0, spread_known: bool = True) -> str:
     """One comparison, read against the seed spread: a difference within one combined std of the two

@@ -111,8 +111,9 @@ class PerlAgentLoopManager(AgentLoopManagerTQ):
 def completion_seed(base: int, trajectory: dict[str, Any], session: int) -> int:
     """The vLLM sampling seed of one completion: a hash of the run's rollout seed, the step, whether
     it validates, the prompt's data index (verl's `extra_info.index`) and its place in the group
-    (verl's `session_id`, 0..n-1, with the TransferQueue loop; `rollout_n` in verl's other one). Reproducible across reruns, distinct within a step. (verl's own
-    `full_determinism` seeds every request with `rollout.seed + replica`: one seed for a whole group.)"""
+    (verl's `session_id`, 0..n-1, with the TransferQueue loop; `rollout_n` in verl's other one).
+    Reproducible across reruns, distinct within a step. (verl's own `full_determinism` seeds every
+    request with `rollout.seed + replica`: one seed for a whole group.)"""
     key = (f"{base}/{int(trajectory['step'])}/{bool(trajectory['validate'])}/{trajectory['sample_index']}/"
            f"{int(trajectory['rollout_n'])}/{int(session)}")
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=4).digest(), "little") & 0x7FFFFFFF
