@@ -60,6 +60,8 @@ class _PerlAgentLoopWorker(AgentLoopWorkerTQ.__ray_actor_class__):
             reward_loop_worker_handles = [_InProcessReward(config)]
         super().__init__(config, llm_client, teacher_client, reward_loop_worker_handles)
         self._loops: dict[str, Any] = {}
+        # perl.seeded_rollouts: the run's rollout seed, read once (not per completion); None: off
+        self._seed_base = int(config.actor_rollout_ref.rollout.seed) if config.perl.get("seeded_rollouts") else None
 
     def _agent_loop(self, agent_name: str):
         if agent_name in self._loops:  # per completion: nothing else on this path
@@ -87,9 +89,9 @@ class _PerlAgentLoopWorker(AgentLoopWorkerTQ.__ray_actor_class__):
         completion's own seed in its sampling params."""
         from verl.utils.rollout_trace import rollout_trace_attr
 
-        if self.config.perl.get("seeded_rollouts"):
-            sampling_params = {**sampling_params, "seed": completion_seed(
-                self.config.actor_rollout_ref.rollout.seed, trajectory, kwargs.get("session_id", 0))}
+        if self._seed_base is not None:
+            sampling_params = {**sampling_params,
+                               "seed": completion_seed(self._seed_base, trajectory, kwargs.get("session_id", 0))}
         with rollout_trace_attr(step=trajectory["step"], sample_index=trajectory["sample_index"],
                                 rollout_n=trajectory["rollout_n"], validate=trajectory["validate"],
                                 name="agent_loop", trace=trace):
