@@ -244,6 +244,11 @@ def assert_quiet_console(run_dir: str, log: str, steps: int) -> None:
     assert f"[perl] step {steps}/" in train_log and "actor_rollout_ref" in train_log
     # verl warns once per completion; PeRL's filter passes it once per process (a handful of processes)
     assert train_log.count("No model-specific Continuous Token builder") <= 4
+    # the FSDP actor computes on every core (Ray would give it one), TransferQueue stays quiet about threads
+    from perl.verl_glue.config.cpu import torch_threads
+
+    assert f"torch on {torch_threads()} thread(s)" in train_log
+    assert "should not exceed total physical CPU cores" not in train_log
     resolved = OmegaConf.load(os.path.join(run_dir, "resolved_config.yaml"))
     assert resolved.trainer.default_local_dir == run_dir and resolved.perl.console == "quiet"
 

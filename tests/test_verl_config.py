@@ -282,7 +282,9 @@ def test_the_toy_sets_its_model_data_and_heldout_set(tmp_path):
     assert cfg.data.train_files == "/data/t.parquet"
 
 
-def test_cpu_settings_are_derived_for_trainer_device_cpu(paths):
+def test_cpu_settings_are_derived_for_trainer_device_cpu(paths, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # set in the driver, a local Ray inherits it
+    monkeypatch.delenv("TQ_NUM_THREADS", raising=False)
     r = vc.resolved(vc.compose({}, ready(paths, "trainer.device=cpu", "trainer.n_gpus_per_node=2",
                                          "actor_rollout_ref.rollout.dtype=bfloat16")))
     rollout, model, actor = r.actor_rollout_ref.rollout, r.actor_rollout_ref.model, r.actor_rollout_ref.actor
@@ -293,6 +295,11 @@ def test_cpu_settings_are_derived_for_trainer_device_cpu(paths):
     assert model.lora.perl.sync_dtype == "bfloat16"  # the sync sends what the rollout holds
     assert r.ray_kwargs.ray_init.num_gpus == 2 and r.ray_kwargs.ray_init.num_cpus == 32  # placement tokens
     assert r.trainer.v1.sampler.sampler_kwargs.poll_interval == vc.CPU_POLL_S
+    # torch on every core in every Ray process (Ray's default for an actor is one thread)
+    from perl.verl_glue.config.cpu import torch_threads
+
+    env = r.ray_kwargs.ray_init.runtime_env.env_vars
+    assert env.OMP_NUM_THREADS == str(torch_threads()) and env.TQ_NUM_THREADS == str(min(8, torch_threads()))
     # a GPU run gets none of it
     g = vc.resolved(vc.compose({}, ready(paths)))
     assert g.actor_rollout_ref.rollout.free_cache_engine is True and "num_gpus" not in g.ray_kwargs.ray_init
@@ -335,6 +342,8 @@ def test_ray_env_vars_given_as_numbers_become_strings_and_others_are_refused(pat
                                "+ray_kwargs.ray_init.runtime_env.env_vars.MY_FLAG=true"))
     env = cfg.ray_kwargs.ray_init.runtime_env.env_vars
     assert env.VLLM_ENABLE_V1_MULTIPROCESSING == "1" and env.MY_FLAG == "true" and env.VERL_PLATFORM == "cpu"
+    cfg = vc.compose({}, ready(paths, "trainer.device=cpu", "+ray_kwargs.ray_init.runtime_env.env_vars.OMP_NUM_THREADS=1"))
+    assert cfg.ray_kwargs.ray_init.runtime_env.env_vars.OMP_NUM_THREADS == "1"  # the user's value wins
     with pytest.raises(vc.ConfigError, match="env_vars.BAD: an environment variable is a string"):
         vc.compose({}, ready(paths, "+ray_kwargs.ray_init.runtime_env.env_vars.BAD=[1,2]"))
     # null: no such variable (Ray refuses a None value with a TypeError after the config check)

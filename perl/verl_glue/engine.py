@@ -235,7 +235,7 @@ class PerlFSDPEngine(FSDPEngineWithLMHead):
         if self.rank == 0:
             s = self.policy.summary()
             print(f"[perl] {s['method']}: {s['trainable']:,} trainable of {s['total']:,} ({s['percent']:.4f}%), "
-                  f"targets {s['target_modules'] or 'all parameters'}")
+                  f"targets {s['target_modules'] or 'all parameters'}; torch on {torch.get_num_threads()} thread(s)")
         return model
 
     @staticmethod

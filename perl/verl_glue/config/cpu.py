@@ -60,9 +60,31 @@ def cpu_settings(cfg: DictConfig, users: UserLayers) -> DictConfig:
         if users.value(key)[0] is None:
             layer[key] = default
     layer["ray_kwargs.ray_init.num_gpus"] = int(cfg.trainer.n_gpus_per_node) * int(cfg.trainer.nnodes)
+    for name, value in thread_env().items():
+        key = f"ray_kwargs.ray_init.runtime_env.env_vars.{name}"
+        if users.value(key)[0] is None and name not in os.environ:  # a local Ray inherits the driver's
+            layer[key] = value
     # the user asked for the CPU platform: every Ray process of the run selects it (request_cpu_platform)
     layer[f"ray_kwargs.ray_init.runtime_env.env_vars.{PLATFORM_ENV}"] = CPU_DEVICE
     return merge(cfg, nested(layer), "trainer.device=cpu settings", allow_new=True)
+
+
+def torch_threads() -> int:
+    """The threads torch would use here by itself: the physical cores this process may run on."""
+    import psutil
+
+    return max(1, min(len(os.sched_getaffinity(0)), psutil.cpu_count(logical=False) or 1))
+
+
+def thread_env() -> dict[str, str]:
+    """Thread counts for every Ray process of a CPU run. Ray gives an actor without `num_cpus`
+    OMP_NUM_THREADS=1 (ray/_private/utils.py, set_omp_num_threads_if_unset): verl's FSDP actor and
+    vLLM's engine core (spawned by its server actor, inheriting that) would run torch on one core while
+    the other waits. TransferQueue sets torch to TQ_NUM_THREADS (8) around every put and get, warns
+    each time that there are fewer cores (hundreds of log lines a step), and then restores the count
+    torch had when it was imported; with both set to the cores, the count stays what it is."""
+    threads = torch_threads()
+    return {"OMP_NUM_THREADS": str(threads), "TQ_NUM_THREADS": str(min(8, threads))}
 
 
 def request_cpu_platform(cfg: DictConfig) -> None:
