@@ -116,3 +116,32 @@ def test_each_completion_gets_a_seed_of_its_own_reproducible_across_runs():
               completion_seed(0, {**traj, "sample_index": 18}, 0), completion_seed(0, {**traj, "validate": True}, 0),
               completion_seed(0, {**traj, "rollout_n": 1}, 0)}
     assert len(others) == 5 and group[0] not in others
+
+
+def test_with_one_server_every_request_goes_to_it_without_the_load_balancer(cfg):
+    """OneServerClient: verl's `generate` (its request id, sampling params and step bookkeeping)
+    against the one server it was given; no load-balancer handle exists to ask (None: asking it would
+    raise), so there were no acquire/release calls."""
+    from verl.workers.rollout.replica import TokenOutput
+
+    from perl.verl_glue.agent_loop import OneServerClient
+
+    calls = []
+
+    class _Generate:  # a Ray actor handle's `generate.remote(...)` -> awaitable, in-process
+        def remote(self, **kwargs):
+            calls.append(kwargs)
+
+            async def done():
+                return TokenOutput(token_ids=[7, 8], log_probs=None, extra_fields={"global_steps": 3})
+            return done()
+
+    class _Server:
+        generate = _Generate()
+
+    client = OneServerClient(cfg, None, server=("10.0.0.1:8000", _Server()))
+    out = asyncio.run(client.generate("req-1", prompt_ids=[1, 2, 3], sampling_params={"temperature": 1.0}))
+    out2 = asyncio.run(client.generate("req-2", prompt_ids=[4], sampling_params={"temperature": 1.0}))
+    assert out.token_ids == [7, 8] and out.extra_fields["min_global_steps"] == 3 == out2.extra_fields["max_global_steps"]
+    assert [c["prompt_ids"] for c in calls] == [[1, 2, 3], [4]]
+    assert calls[0]["request_id"] != "req-1"  # verl's fresh vLLM request id per turn, unchanged

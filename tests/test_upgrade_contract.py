@@ -348,6 +348,28 @@ def test_agent_loop_manager_hook_and_the_worker_internals_perl_reuses():
     assert "self.reward_loop_workers_class.options(" in reward and "num_workers = self.config.reward.num_workers" in reward
 
 
+def test_llm_client_hook_and_the_server_choice_the_one_server_client_replaces():
+    """perl.verl_glue.agent_loop.OneServerClient: verl's trainer hands out its client through
+    `get_llm_client` -> `get_client(client_cls=...)`, and the client's `generate` takes its server from
+    `_acquire_server` and gives it back with `_release_server` (what verl's fully-async client overrides)."""
+    import inspect
+
+    from verl.trainer.ppo.v1.trainer_base import PPOTrainer
+    from verl.workers.rollout.llm_server import LLMServerClient, LLMServerManager
+
+    assert "return self.llm_server_manager.get_client()" in inspect.getsource(PPOTrainer.get_llm_client)
+    assert list(inspect.signature(LLMServerManager.get_client).parameters) == ["self", "client_cls", "kwargs"]
+    manager = _source("verl.workers.rollout.llm_server")
+    assert "self.server_handles = [server._server_handle for server in self.rollout_replicas]" in manager
+    assert "self.server_addresses = [server._server_address for server in self.rollout_replicas]" in manager
+    generate = inspect.getsource(LLMServerClient.generate)
+    assert "server_id, server = await self._acquire_server(" in generate
+    assert "output: TokenOutput = await server.generate.remote(" in generate
+    assert "self._release_server(\n                server_id," in generate
+    assert inspect.iscoroutinefunction(LLMServerClient._acquire_server)
+    assert not inspect.iscoroutinefunction(LLMServerClient._release_server)
+
+
 def test_vllm_cpu_keeps_the_uni_executor_only_without_v1_multiprocessing():
     """perl/verl_glue/config/cpu.yaml sets VLLM_ENABLE_V1_MULTIPROCESSING=0 so that vLLM's CPU
     platform leaves distributed_executor_backend=uni alone; verl's server (AsyncLLM) keeps its own

@@ -18,7 +18,12 @@ is (a seeded one is drawn from the same distribution):
 - **in-process scoring when `reward.num_workers=0`** (the CPU profile): verl's own
   `RewardLoopWorker` (the same reward manager, custom reward function and overlong buffer) runs
   inside the agent-loop worker, called directly instead of through Ray; with reward workers
-  configured (verl's default, every GPU recipe) scoring goes to them as in verl.
+  configured (verl's default, every GPU recipe) scoring goes to them as in verl;
+- **no load-balancer round trips with one rollout server** (`OneServerClient`, which
+  `PerlSyncTrainer.get_llm_client` hands out through verl's `get_client(client_cls=...)`): verl asks
+  its load-balancer actor which server to use before every completion and tells it when done (two
+  Ray calls per completion to one more process on the same cores); with a single server the answer
+  is always that server. Several servers (a GPU node with more than one replica) keep verl's client.
 
 The manager is verl's `AgentLoopManagerTQ` with this worker class; the contract test
 (tests/test_upgrade_contract.py) pins the internals it relies on.
@@ -31,6 +36,7 @@ from typing import Any
 
 import ray
 from verl.trainer.ppo.v1.agent_loop_tq import AgentLoopManagerTQ, AgentLoopWorkerTQ
+from verl.workers.rollout.llm_server import LLMServerClient
 
 # agent loops whose instance holds no per-trajectory state, so one serves every completion
 STATELESS_LOOPS = frozenset({"single_turn_agent"})
@@ -108,6 +114,24 @@ class PerlAgentLoopManager(AgentLoopManagerTQ):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.agent_loop_workers_class = PerlAgentLoopWorker
+
+
+class OneServerClient(LLMServerClient):
+    """verl's LLM server client for a pool of exactly one server: every request goes to it without
+    asking the load-balancer actor (verl 0.9.1 `LLMServerClient._acquire_server`/`_release_server`,
+    the methods verl's own `FullyAsyncLLMServerClient` overrides). What the balancer would add with
+    one server: sticky sessions (always this server anyway) and in-flight counts (read only to choose
+    among several servers, and by the fully-async trainers' drain, which PeRL does not use)."""
+
+    def __init__(self, config, load_balancer_handle=None, *, server: tuple[str, Any], **kwargs) -> None:
+        super().__init__(config=config, load_balancer_handle=load_balancer_handle, **kwargs)
+        self._server = server  # (address, actor handle)
+
+    async def _acquire_server(self, request_id: str, **extra) -> tuple[str, Any]:
+        return self._server
+
+    def _release_server(self, server_id: str, request_id: str | None = None) -> None:
+        pass
 
 
 def completion_seed(base: int, trajectory: dict[str, Any], session: int) -> int:

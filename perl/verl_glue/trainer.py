@@ -1,14 +1,15 @@
 """PeRL's V1 trainer and task runner: verl's sync trainer, plus PeRL's run log and T-SPMO's advantage step.
 
 Every PeRL run on verl's sync V1 trainer uses `PerlSyncTrainer` (perl.verl_glue.config derives
-`trainer.v1.trainer_mode=perl_sync` from verl's `sync`). It changes four things and nothing else:
+`trainer.v1.trainer_mode=perl_sync` from verl's `sync`). It changes five things and nothing else:
 
 - the run log (perl.verl_glue.run_dir): after verl has computed a step's metrics, one line of
   `metrics.jsonl` and one progress line; tensorboard events go to `<run dir>/tensorboard` unless
   TENSORBOARD_DIR says otherwise;
 - a manifest after each checkpoint (perl.verl_glue.checkpoints), verified before a resume;
 - the advantage step for adv_estimator=tspmo (below);
-- a collapse (dynamic sampling exhausted) ends the run with its last weights saved (`_record_collapse`).
+- a collapse (dynamic sampling exhausted) ends the run with its last weights saved (`_record_collapse`);
+- with a single rollout server, the LLM client skips verl's load balancer (`get_llm_client`).
 
 T-SPMO (perl.algos.token_efficient) credits each (prefix, next token) pair of a group, so its
 advantage step needs the response token ids. verl 0.9.1's `PPOTrainer._compute_advantage` reads
@@ -63,6 +64,18 @@ class PerlSyncTrainer(PPOTrainerSync):
     @trainer_mode.setter
     def trainer_mode(self, _registered_name: str) -> None:
         pass
+
+    def get_llm_client(self):
+        """verl's client, or with a single rollout server one that skips the load balancer
+        (perl.verl_glue.agent_loop.OneServerClient: two Ray calls fewer per completion)."""
+        manager = self.llm_server_manager
+        if len(manager.server_handles) != 1:
+            return super().get_llm_client()
+        from perl.verl_glue.agent_loop import OneServerClient
+
+        print(f"[perl] one rollout server ({manager.server_addresses[0]}): requests go to it without verl's load balancer")
+        return manager.get_client(client_cls=OneServerClient,
+                                  server=(manager.server_addresses[0], manager.server_handles[0]))
 
     def fit(self, agent_loop_manager):
         run_dir = os.path.abspath(str(self.config.trainer.default_local_dir))
