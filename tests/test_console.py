@@ -70,3 +70,13 @@ def test_progress_lines_follow_the_metrics_file_from_the_resumed_step(tmp_path):
         t.start()
         t.join()
     assert term.getvalue() == "step 3\nstep 4\n"
+
+
+def test_the_progress_line_counts_the_groups_dynamic_sampling_dropped_and_the_surplus_it_discarded():
+    from perl.verl_glue.run_dir import DROPPED, SURPLUS, progress_line
+
+    row = {"step": 3, "critic/score/mean": 0.5, DROPPED: 4, SURPLUS: 2, "timing_s/step": 2.0, "timing_s/gen": 1.0}
+    assert "| groups 16 kept, 4 dropped, 2 surplus |" in progress_line(row, 10, 16, True)
+    del row[SURPLUS]  # verl reports the surplus only on steps that had some
+    assert "| groups 16 kept, 4 dropped |" in progress_line(row, 10, 16, True)
+    assert "groups" not in progress_line(row, 10, 16, False)  # no dynamic sampling: nothing to count

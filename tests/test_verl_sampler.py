@@ -9,6 +9,8 @@ trajectory with its `extra_fields`.
 """
 
 import itertools
+import json
+import math
 import uuid
 
 import pytest
@@ -104,3 +106,84 @@ def test_without_cap_verl_keeps_generating(replay):
     rollout.add(batch)
     meta, _ = buffer.sample(global_steps=1, partition_id="train", batch_size=batch)
     assert len({k.split("_")[0] for k in meta.keys}) == batch and len(rollout.made) == 32
+
+
+# ------------------------------------------------------------------------------------------------
+# over-dispatch (perl.over_dispatch): extra prompts with the batch, sized by the recent drop rate
+# ------------------------------------------------------------------------------------------------
+
+
+def make_over_dispatching_buffer(sampler, rollout: Rollout, batch: int, cap: int, metrics_path=None):
+    return sampler.PerlReplayBuffer(
+        trainer_mode="sync", trainer_config={}, max_off_policy_threshold=8, max_off_policy_strategy="drop",
+        sampler_kwargs={"filter_groups_metric": "acc", "max_num_gen_batches": cap, "max_inflight_gen_batches": 1,
+                        "train_batch_size": batch, "sync_refill_failed_groups": False, "over_dispatch": True,
+                        "metrics_path": metrics_path},
+        refill_fn=rollout.add, poll_interval=0.0)
+
+
+def test_over_dispatch_is_sized_by_the_recent_drop_rate():
+    from perl.verl_glue.sampler import MAX_OVER_DISPATCH, drop_rate, over_dispatch_count
+
+    assert over_dispatch_count(16, []) == 0  # nothing known yet: verl's exact batch
+    assert drop_rate([(0, 16)]) == 1 / 18 and drop_rate([(4, 20), (0, 16)]) == 5 / 38
+    history = [(5, 10), (5, 10), (10, 20)]  # the last 3 steps count: (20 + 1) / (40 + 2) = 0.5
+    assert over_dispatch_count(16, [(5, 21)]) == math.ceil((16 + math.sqrt(16 * 6 / 23)) / (1 - 6 / 23)) - 16
+    assert over_dispatch_count(16, [(99, 100)] + history) == math.ceil((16 + math.sqrt(8)) / 0.5) - 16 == 22
+    # almost everything dropped: at most MAX_OVER_DISPATCH batches, and never past the cap
+    assert over_dispatch_count(16, [(99, 100)]) == MAX_OVER_DISPATCH * 16
+    assert over_dispatch_count(16, [(99, 100)], cap_batches=2) == 16
+    # a step that dropped nothing still expects a few
+    assert 0 < over_dispatch_count(16, [(0, 16)] * 3) < 4
+
+
+def test_a_resumed_run_reads_the_drop_rate_of_the_steps_before_it(tmp_path):
+    from perl.verl_glue.run_dir import DISPATCHED, DROPPED
+    from perl.verl_glue.sampler import drop_history
+
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"step": 1, DROPPED: 2, DISPATCHED: 18}, {"step": 2, DISPATCHED: 20},  # step 2 dropped none
+            {"step": 3, DROPPED: 9, DISPATCHED: 30},  # a step the resumed run replaces ...
+            {"step": 3, DROPPED: 4, DISPATCHED: 22},  # ... the last row of a step counts
+            {"step": 4, DROPPED: 1, DISPATCHED: 17}, {"step": 2}]  # a row of another writer: no counts
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n{truncated")
+    assert drop_history(str(path), before_step=4) == [(2, 18), (4, 22)]
+    assert drop_history(str(path), before_step=1) == [] and drop_history(str(tmp_path / "none"), 5) == []
+
+
+def test_over_dispatch_fills_the_batch_in_one_round_and_keeps_the_groups_in_dispatch_order(replay, tmp_path):
+    from perl.verl_glue.run_dir import DISPATCHED, DROPPED
+
+    sampler, tq, _ = replay
+    batch = 4
+    metrics_path = tmp_path / "metrics.jsonl"  # a run whose step 1 dropped 2 of 6 groups
+    metrics_path.write_text(json.dumps({"step": 1, DROPPED: 2, DISPATCHED: 6}) + "\n")
+    script = ["zero", "mixed", "one", "mixed", "mixed", "mixed", "zero", "mixed", "mixed", "mixed"]
+    rollout = Rollout(replay, script)
+    buffer = make_over_dispatching_buffer(sampler, rollout, batch, cap=10, metrics_path=str(metrics_path))
+    rollout.add(batch)  # what the trainer's prepare_step submits
+    meta, metrics = buffer.sample(global_steps=2, partition_id="train", batch_size=batch)
+    extra = sampler.over_dispatch_count(batch, [(2, 6)])  # p = 3/8: (4 + sqrt(1.5)) / 0.625 -> 9, 5 extra
+    assert extra == 5 and len(rollout.made) == batch + extra  # one round: no refill
+    assert metrics["training/filter_groups/over_dispatched_prompts"] == extra
+    assert metrics["training/filter_groups/refilled_prompts"] == 0 and metrics[DISPATCHED] == batch + extra
+    mixed = [uid for uid, kind in rollout.made if kind == "mixed"]
+    assert {k.split("_")[0] for k in meta.keys} == set(mixed[:batch])  # the first dispatched, not a hash's pick
+    assert metrics["training/filter_groups/discarded_surplus_samples"] == len(mixed) - batch
+    assert metrics[DROPPED] == 3 and buffer.history == [(2, 6), (3, 9)]
+
+
+def test_with_over_dispatch_a_refill_sends_only_what_the_groups_in_flight_cannot_fill(replay):
+    sampler = replay[0]
+    rollout = Rollout(replay, ["mixed"] * 100)
+    buffer = make_over_dispatching_buffer(sampler, rollout, batch=16, cap=0)
+    buffer._recent = [(4, 20)]  # a fifth dropped lately
+    buffer.refilled_prompts = 4  # this step dispatched 20: 16 + 4
+    buffer.finished_keys["train"] = {f"f{i}" for i in range(6)}  # 6 done with signal,
+    buffer.running_keys["train"] = {f"r{i}" for i in range(14)}  # 14 still generating, none dropped
+    assert buffer._counted_refill(4) == 0 and not rollout.made  # 6 + 14 x ~0.8 can still fill 16
+    buffer.running_keys["train"] = {f"r{i}" for i in range(4)}  # 10 dropped: 6 + 4 x keep < 16
+    keep = 1 - sampler.drop_rate([(4, 20), (10, 16)])
+    deficit = 16 - 6 - math.floor(4 * keep)
+    assert buffer._counted_refill(20) == math.ceil(deficit / keep) == len(rollout.made)
+    assert buffer._counted_refill(2) == 2  # never more than verl asked for

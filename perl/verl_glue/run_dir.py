@@ -46,6 +46,9 @@ STEP_TIME = "timing_s/step"
 GEN_TIME = "timing_s/gen"
 DROPPED = "training/filter_groups/evicted_samples"  # groups dynamic sampling dropped (all-equal metric)
 REFILLED = "training/filter_groups/refilled_prompts"  # prompts generated to replace them (PeRL's sampler)
+OVER_DISPATCHED = "training/filter_groups/over_dispatched_prompts"  # sent with the batch at the step's start
+DISPATCHED = "training/filter_groups/dispatched_prompts"  # all prompts the step generated (batch + both above)
+SURPLUS = "training/filter_groups/discarded_surplus_samples"  # groups with signal beyond the batch (verl)
 ALL_GROUPS = "perl/acc_all_groups"  # accuracy over every group generated, dropped ones included (PeRL's trainer)
 
 
@@ -121,7 +124,10 @@ def progress_line(row: Mapping[str, float], total_steps: int, batch_groups: int,
 
     parts = [f"[perl] step {int(row['step'])}/{total_steps}", f"reward {fmt(SCORE, '.3f')}"]
     if dynamic_sampling:  # verl reports the evicted groups only on steps that evicted some
-        parts.append(f"groups {batch_groups} kept, {int(row.get(DROPPED, 0))} dropped")
+        groups = f"groups {batch_groups} kept, {int(row.get(DROPPED, 0))} dropped"
+        if row.get(SURPLUS):
+            groups += f", {int(row[SURPLUS])} surplus"
+        parts.append(groups)
     if ALL_GROUPS in row:
         parts.append(f"acc (all groups) {fmt(ALL_GROUPS, '.3f')}")
     parts += [f"entropy {fmt(ENTROPY, '.3f')}", f"clip {fmt(CLIPFRAC, '.4f')}",

@@ -70,6 +70,9 @@ class PerlBlock:
     toy: dict | None = _f(None, "the embedded default's task (perl.toy.task.ToyTask); null: off")
     dataset_rows: int | None = _f(None, "training-set rows for the run arithmetic when the parquet is not at hand")
     derived: dict | None = _f(None, "written by PeRL: the run arithmetic (do not set)")
+    over_dispatch: bool = _f(True, "dynamic sampling sends extra prompts with each batch, sized by the last steps' "
+                                   "drop rate, so that refill rounds are rare (perl.verl_glue.sampler); false: "
+                                   "verl's exact batch, refilled in rounds")
     dump_rollout_tokens: bool = _f(False, "write each step's batch as token ids + log-probs (<run>/rollouts/)")
     seeded_rollouts: bool = _f(False, "each completion sampled with its own seed from rollout.seed, the step, the "
                                       "prompt's index and its place in the group: rollouts reproducible")
