@@ -12,7 +12,7 @@ PeRL's reward and sampler, on the toy's cold start. What each run proves:
   such group is in any training batch;
 - the method ran inside the trainer as itself (AdaLoRA pruned its budget, full trained every
   weight, T-SPMO's advantage step ran), and verl's checkpoint holds `perl_adapter/`;
-- a rerun with more steps resumes from the last checkpoint, also after a SIGKILL mid-step.
+- a run killed mid-step (SIGKILL) resumes from its newest intact checkpoint, and trains the same groups.
 
 Slow (about a minute and a half per run on 2 cores: most of it is starting Ray, vLLM and the
 workers); marked `slow` and `vllm`.
@@ -473,7 +473,7 @@ def test_bench_toy_study_trains_ia3_with_tspmo_and_tinylora_resumes_after_a_stop
 # ------------------------------------------------------------------------------------------------
 
 
-def test_rerun_resumes_and_a_killed_run_resumes_from_its_last_checkpoint(tmp_path, toy_cache):
+def test_a_killed_run_resumes_from_its_newest_intact_checkpoint(tmp_path, toy_cache):
     from perl.verl_glue.run_dir import latest_step
 
     run = str(tmp_path / "toy")
@@ -483,23 +483,15 @@ def test_rerun_resumes_and_a_killed_run_resumes_from_its_last_checkpoint(tmp_pat
     short = ["peft.name=dora", "perl.heldout=null", "trainer.save_freq=2", "trainer.logger=[console,tensorboard]",
              "data.train_batch_size=4", "actor_rollout_ref.actor.ppo_mini_batch_size=2",
              "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=16", "perl.dump_rollout_tokens=true",
-             "algorithm.filter_groups.max_num_gen_batches=20"]
-    rc, log = run_perl(run, "trainer.total_training_steps=4", *short, cache=toy_cache, log_name="a.log")
-    assert_ok(rc, log)
-    assert latest_step(run) == 4 and [r["step"] for r in metrics(run)] == [1, 2, 3, 4]
+             "algorithm.filter_groups.max_num_gen_batches=20", "trainer.total_training_steps=6"]
+    # 6 steps, killed once step 5 is logged (no checkpoint at 5: save_freq=2): the directory holds the
+    # complete checkpoints of steps 2 and 4
+    rc, log = run_perl(run, *short, cache=toy_cache, log_name="a.log", kill_after_step=5)
+    assert rc == -signal.SIGKILL, log[-3000:]
+    assert latest_step(run) == 4 and [r["step"] for r in metrics(run)] == [1, 2, 3, 4, 5]
     assert_vllm_has_the_merged_weights(run, tmp_path)  # DoRA: step 3 was generated with checkpoint 2
     assert_dynamic_sampling_dropped_flat_groups(run, group_size=8, dropped=False)  # G=8: a flat group is rare
-    first = json.load(open(os.path.join(run, "summary.json")))
-    assert first["steps"] == 4 and first["resumed_from"] == 0
     first_rollouts = {step: completions(run, step) for step in (3, 4)}  # rewritten by the resume below
-
-    # 6 steps, killed once step 5 is logged (no checkpoint at 5: save_freq=2): the directory still
-    # holds the complete checkpoint of step 4
-    rc, log = run_perl(run, "trainer.total_training_steps=6", *short, cache=toy_cache, log_name="b.log",
-                       kill_after_step=5)
-    assert rc == -signal.SIGKILL, log[-3000:]
-    assert "[perl] resuming at step 4/6" in log
-    assert latest_step(run) == 4
 
     # every checkpoint carries PeRL's manifest; checkpoint 4 is then damaged (its largest shard
     # truncated, as a half-finished copy leaves it): the rerun resumes from 2, the newest intact one
@@ -511,14 +503,16 @@ def test_rerun_resumes_and_a_killed_run_resumes_from_its_last_checkpoint(tmp_pat
     with open(shard, "r+b") as f:
         f.truncate(os.path.getsize(shard) // 2)
     assert verify(run, 4) and not verify(run, 2)
-    rc, log = run_perl(run, "trainer.total_training_steps=6", *short, cache=toy_cache, log_name="c.log")
+    rc, log = run_perl(run, *short, cache=toy_cache, log_name="b.log")
     assert_ok(rc, log)
     assert f"{os.path.relpath(shard, os.path.dirname(actor4))} has" in log  # the damaged file, named
     assert "resuming from checkpoint 2, the newest intact one" in log
     assert "[perl] resuming at step 2/6" in log and "[perl] step 5/6" in log
     # steps 3-4 again from checkpoint 2's weights and data position: with seeded rollouts (the toy's
     # perl.seeded_rollouts) vLLM sampled the same completions for the same prompts, though the
-    # requests reached it in another order; by chance, two samples of one prompt agree far less often
+    # requests reached it in another order; by chance, two samples of one prompt agree far less often.
+    # And the same groups were trained: the resumed run read the drop rate of steps 1-2 back, so it
+    # over-dispatched as many prompts, and dynamic sampling kept the first in dispatch order
     for step in (3, 4):
         again, before = completions(run, step), first_rollouts[step]
         shared = [k for k in again if k in before]
@@ -528,6 +522,7 @@ def test_rerun_resumes_and_a_killed_run_resumes_from_its_last_checkpoint(tmp_pat
         print(f"step {step}: {len(shared)} prompts in both runs, {same:.0%} of their completions found again "
               f"(two samples of one prompt within a run: {chance:.0%})")
         assert len(shared) >= 2 and same >= 0.9 and same > chance + 0.2, (step, same, chance)
+        assert set(again) == set(before), step
     assert latest_step(run) == 6 and [r["step"] for r in metrics(run)] == [1, 2, 3, 4, 5, 6]
     from perl.verl_glue.run_dir import progress_line
 
@@ -541,6 +536,6 @@ def test_rerun_resumes_and_a_killed_run_resumes_from_its_last_checkpoint(tmp_pat
         assert os.path.exists(os.path.join(run, name)), name
 
     # the same directory with another method is refused before anything starts
-    rc, log = run_perl(run, "trainer.total_training_steps=8", *short, "peft.name=lora", cache=toy_cache,
-                       log_name="d.log")
+    rc, log = run_perl(run, *short, "trainer.total_training_steps=8", "peft.name=lora", cache=toy_cache,
+                       log_name="c.log")
     assert rc == 2 and "peft.name: dora -> lora" in log
