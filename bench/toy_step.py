@@ -73,7 +73,8 @@ def verl_run(run_dir: str, steps: int, overrides: list[str]) -> dict:
     step_s = med("timing_s/step")
     return {"step": step_s, **{p: med(f"timing_s/{p}") for p in PHASES if f"timing_s/{p}" in steady[0]},
             "first_step": rows[0]["timing_s/step"], "ready": seen[1] - step_s, "wall": wall, "steps": len(rows),
-            "refilled": statistics.mean(r.get("training/filter_groups/refilled_prompts", 0) for r in steady)}
+            "refilled": statistics.mean(r.get("training/filter_groups/refilled_prompts", 0) for r in steady),
+            "over": statistics.mean(r.get("training/filter_groups/over_dispatched_prompts", 0) for r in steady)}
 
 
 def direct_generation(config_path: str, out: str, repeats: int) -> None:
@@ -194,7 +195,8 @@ def main() -> None:
              "", *table, "",
              f"Ready after {verl['ready']:.0f} s (launch to the end of step 1, less one steady step; step 1 took "
              f"{verl['first_step']:.1f} s), the whole {verl['steps']}-step run {verl['wall']:.0f} s; "
-             f"{verl['refilled']:.1f} prompts refilled per step on average (dynamic sampling). Generation "
+             f"dynamic sampling sent {verl['over']:.1f} prompts with each batch and refilled {verl['refilled']:.1f} "
+             "per step on average (perl.over_dispatch). Generation "
              "directly: vLLM's offline `LLM`, the same prompts x G, sampling and lengths; the engine directly: "
              "PeRL's FSDP engine without Ray on those completions. One run on a shared 2-core machine.", "", last]
     print("\n".join(table))

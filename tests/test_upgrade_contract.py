@@ -136,6 +136,37 @@ def test_custom_sampler_and_dynamic_sampling_hooks():
         assert f"        {name}" in sig
 
 
+def test_the_sync_sampling_internals_over_dispatch_relies_on():
+    """perl.verl_glue.sampler.PerlReplayBuffer (patches/README.md #7): verl's sync `sample` asks the
+    refill function for a count and goes on whatever it sent (its credit is spent either way, each
+    later drop adds new credit), selects through `_select_prompt_uids(partition_id, sampleable_keys,
+    batch_size)` -> (uids, partition snapshot, steps snapshot), and rebuilds the status sets and
+    `prompt_global_steps` from `tq.kv_list()` at each poll, in the order TransferQueue lists the keys:
+    the order they were put (its controller keeps them in a dict)."""
+    import inspect
+
+    from verl.trainer.ppo.v1.replay_buffer import ReplayBuffer
+
+    sample = inspect.getsource(ReplayBuffer.sample)
+    assert "self.refill_fn(dispatch_count)\n                        refill_credit -= dispatch_count" in sample
+    assert "refill_credit += 2 * dapo_count + failed_count" in sample
+    assert "= self._select_prompt_uids(\n                    partition_id, sampleable_keys, batch_size\n" in sample
+    assert "can_select = has_enough_samples and (not dapo_enabled or inflight_count == 0)" in sample
+    assert list(inspect.signature(ReplayBuffer._select_prompt_uids).parameters) == [
+        "self", "partition_id", "sampleable_keys", "batch_size"]
+    assert "return ordered_keys[:batch_size], partition_snapshot, prompt_global_steps_snapshot" in inspect.getsource(
+        ReplayBuffer._select_prompt_uids)
+    sync = inspect.getsource(ReplayBuffer._sync_metadata_from_transfer_queue)
+    for line in ('self.prompt_global_steps[partition_id][key] = tag["global_steps"]',
+                 "self.pending_keys[partition_id].add(key)", "self.running_keys[partition_id].add(key)",
+                 "self.finished_keys[partition_id].add(key)", "self.failure_keys[partition_id].add(key)",
+                 "for key, tag in items.items():"):
+        assert line in sync, line
+    controller = _source("transfer_queue.controller")
+    assert "keys_mapping: dict[str, int] = field(default_factory=dict)" in controller
+    assert "key: partition.custom_meta.get(index, {}) for key, index in partition.keys_mapping.items()" in controller
+
+
 def test_reward_hooks():
     loader = _source("verl.trainer.ppo.reward")
     assert "load_extern_object(module_path=module_path, object_name=fn_name)" in loader
