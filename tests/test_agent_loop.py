@@ -145,3 +145,38 @@ def test_with_one_server_every_request_goes_to_it_without_the_load_balancer(cfg)
     assert out.token_ids == [7, 8] and out.extra_fields["min_global_steps"] == 3 == out2.extra_fields["max_global_steps"]
     assert [c["prompt_ids"] for c in calls] == [[1, 2, 3], [4]]
     assert calls[0]["request_id"] != "req-1"  # verl's fresh vLLM request id per turn, unchanged
+
+
+def test_the_load_balancer_actor_starts_only_when_something_asks_for_it(cfg, monkeypatch):
+    """LazyBalancerServerManager: verl's manager minus the balancer actor at start-up. PeRL's
+    one-server client gets no handle and starts nothing; anything that asks for the balancer
+    (verl's own client, `global_load_balancer`) starts it once, with the arguments verl's own
+    `_init_global_load_balancer` passes (both run here against a recorder of `get_router_handle`)."""
+    import verl.workers.rollout.router as router
+    from verl.workers.rollout.llm_server import LLMServerClient, LLMServerManager
+
+    import perl.verl_glue.trainer  # noqa: F401  (makes verl's trainer build the lazy manager)
+    from perl.verl_glue.agent_loop import LazyBalancerServerManager, OneServerClient
+    from verl.trainer.ppo.v1 import trainer_base
+
+    assert trainer_base.LLMServerManager is LazyBalancerServerManager
+
+    started = []
+    monkeypatch.setattr(router, "get_router_handle", lambda **kw: started.append(kw) or f"balancer-{len(started)}")
+
+    def manager(cls):
+        m = cls.__new__(cls)  # the attributes verl's constructor and server start-up leave
+        m.config, m.rollout_config, m._load_balancer_cls = cfg, cfg.actor_rollout_ref.rollout, None
+        m.server_addresses, m.server_handles = ["10.0.0.1:8000"], ["handle"]
+        asyncio.run(m._init_global_load_balancer())
+        return m
+
+    verls = manager(LLMServerManager)
+    assert len(started) == 1 and verls.global_load_balancer == "balancer-1"  # verl: at start-up
+    lazy = manager(LazyBalancerServerManager)
+    assert len(started) == 1  # PeRL: not yet
+    client = lazy.get_client(client_cls=OneServerClient, server=("10.0.0.1:8000", "handle"))
+    assert isinstance(client, OneServerClient) and client._load_balancer is None and len(started) == 1
+    default = lazy.get_client()  # verl's client needs the balancer: started now, with verl's arguments
+    assert type(default) is LLMServerClient and default._load_balancer == "balancer-2"
+    assert started[1] == started[0] and lazy.global_load_balancer == "balancer-2" and len(started) == 2

@@ -401,6 +401,28 @@ def test_llm_client_hook_and_the_server_choice_the_one_server_client_replaces():
     assert not inspect.iscoroutinefunction(LLMServerClient._release_server)
 
 
+def test_the_trainer_builds_its_server_manager_by_the_name_the_lazy_balancer_replaces():
+    """perl.verl_glue.trainer.use_lazy_balancer (patches/README.md #8): verl's trainer builds the
+    manager through its module's `LLMServerManager` name, `create` starts the balancer in
+    `_init_global_load_balancer` (whose body LazyBalancerServerManager repeats on first use), and
+    `get_client` is where verl's client takes the handle."""
+    import inspect
+
+    from verl.workers.rollout.llm_server import LLMServerManager
+
+    trainer = _source("verl.trainer.ppo.v1.trainer_base")
+    assert "from verl.workers.rollout.llm_server import LLMServerClient, LLMServerManager" in trainer
+    assert "self.llm_server_manager: LLMServerManager = LLMServerManager.create(" in trainer
+    assert "await instance._init_global_load_balancer()" in inspect.getsource(LLMServerManager.create)
+    init = inspect.getsource(LLMServerManager._init_global_load_balancer)
+    assert init.split("self.global_load_balancer = get_router_handle(")[1].split(")")[0].split() == [
+        "servers=dict(zip(self.server_addresses,", "self.server_handles,", "strict=True"]
+    assert ("router_config_path=getattr(self.rollout_config, \"router_config_path\", None),\n"
+            "            full_determinism=getattr(self.rollout_config, \"full_determinism\", False),\n"
+            "            load_balancer_cls=self._load_balancer_cls,\n        )") in init
+    assert "load_balancer_handle=self.global_load_balancer," in inspect.getsource(LLMServerManager.get_client)
+
+
 def test_vllm_cpu_keeps_the_uni_executor_only_without_v1_multiprocessing():
     """perl/verl_glue/config/cpu.yaml sets VLLM_ENABLE_V1_MULTIPROCESSING=0 so that vLLM's CPU
     platform leaves distributed_executor_backend=uni alone; verl's server (AsyncLLM) keeps its own

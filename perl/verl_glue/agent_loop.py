@@ -24,6 +24,8 @@ is (a seeded one is drawn from the same distribution):
   its load-balancer actor which server to use before every completion and tells it when done (two
   Ray calls per completion to one more process on the same cores); with a single server the answer
   is always that server. Several servers (a GPU node with more than one replica) keep verl's client.
+  With one server the balancer's actor is not even started (`LazyBalancerServerManager`: verl
+  starts it with the servers; PeRL on first use, which then never comes).
 
 The manager is verl's `AgentLoopManagerTQ` with this worker class; the contract test
 (tests/test_upgrade_contract.py) pins the internals it relies on.
@@ -36,7 +38,7 @@ from typing import Any
 
 import ray
 from verl.trainer.ppo.v1.agent_loop_tq import AgentLoopManagerTQ, AgentLoopWorkerTQ
-from verl.workers.rollout.llm_server import LLMServerClient
+from verl.workers.rollout.llm_server import LLMServerClient, LLMServerManager
 
 # agent loops whose instance holds no per-trajectory state, so one serves every completion
 STATELESS_LOOPS = frozenset({"single_turn_agent"})
@@ -132,6 +134,41 @@ class OneServerClient(LLMServerClient):
 
     def _release_server(self, server_id: str, request_id: str | None = None) -> None:
         pass
+
+
+class LazyBalancerServerManager(LLMServerManager):
+    """verl's LLM server manager whose load-balancer actor is started on first use instead of when
+    the servers are (`LLMServerManager.create` -> `_init_global_load_balancer`). With one server
+    PeRL's trainer hands out `OneServerClient`, which never asks the balancer: the actor is then
+    never started (a process, ~7 s of CPU at start-up on the 2-core box: Ray imports verl's vLLM
+    server module in it to unpickle the server handles). Any other use (`global_load_balancer`, a
+    `get_client` for verl's own client) starts it as verl would have, with the same arguments.
+    perl/verl_glue/trainer.py makes verl's trainer build this class (patches/README.md #8)."""
+
+    async def _init_global_load_balancer(self) -> None:
+        self._load_balancer = None  # started by the property below when something asks for it
+
+    @property
+    def global_load_balancer(self):
+        if getattr(self, "_load_balancer", None) is None:
+            from verl.workers.rollout.router import get_router_handle
+
+            self._load_balancer = get_router_handle(
+                servers=dict(zip(self.server_addresses, self.server_handles, strict=True)),
+                router_config_path=getattr(self.rollout_config, "router_config_path", None),
+                full_determinism=getattr(self.rollout_config, "full_determinism", False),
+                load_balancer_cls=self._load_balancer_cls,
+            )
+        return self._load_balancer
+
+    @global_load_balancer.setter
+    def global_load_balancer(self, handle) -> None:
+        self._load_balancer = handle
+
+    def get_client(self, client_cls=None, **kwargs):
+        if client_cls is not None and issubclass(client_cls, OneServerClient):
+            return client_cls(config=self.config, load_balancer_handle=None, **kwargs)
+        return super().get_client(client_cls=client_cls, **kwargs)
 
 
 def completion_seed(base: int, trajectory: dict[str, Any], session: int) -> int:

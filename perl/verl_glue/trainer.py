@@ -9,7 +9,8 @@ Every PeRL run on verl's sync V1 trainer uses `PerlSyncTrainer` (perl.verl_glue.
 - a manifest after each checkpoint (perl.verl_glue.checkpoints), verified before a resume;
 - the advantage step for adv_estimator=tspmo (below);
 - a collapse (dynamic sampling exhausted) ends the run with its last weights saved (`_record_collapse`);
-- with a single rollout server, the LLM client skips verl's load balancer (`get_llm_client`).
+- with a single rollout server, the LLM client skips verl's load balancer (`get_llm_client`), whose
+  actor is then never started (`use_lazy_balancer`).
 
 T-SPMO (perl.algos.token_efficient) credits each (prefix, next token) pair of a group, so its
 advantage step needs the response token ids. verl 0.9.1's `PPOTrainer._compute_advantage` reads
@@ -48,6 +49,21 @@ from perl.verl_glue.sampler import DynamicSamplingExhausted
 from verl.trainer.ppo.v1.replay_buffer import DAPO_FILTERED_REWARD_COUNTS_KEY  # noqa: E402
 
 TSPMO_FIELDS = ["uid", "responses", "response_mask", "rm_scores"]
+
+
+def use_lazy_balancer() -> None:
+    """verl's trainer builds its LLM server manager as `trainer_base.LLMServerManager.create(...)`;
+    PeRL's subclass starts the load-balancer actor only when something asks for it (never with one
+    server: `get_llm_client` below). Done when this module is imported, in the task runner's process,
+    before the trainer is built (patches/README.md #8)."""
+    import verl.trainer.ppo.v1.trainer_base as trainer_base
+
+    from perl.verl_glue.agent_loop import LazyBalancerServerManager
+
+    trainer_base.LLMServerManager = LazyBalancerServerManager
+
+
+use_lazy_balancer()
 
 
 @register_trainer(PERL_TRAINER_MODE)
