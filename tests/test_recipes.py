@@ -208,9 +208,17 @@ def test_script_is_the_one_line_driver_call(recipe):
     assert os.access(os.path.join(RECIPE_DIR, f"{recipe}.sh"), os.X_OK)
 
 
+# 1.5B recipes that change one knob of another recipe (LoRA's rank, lr or batch; DoRA's scaling run)
+VARIANTS = {"dapo_lora_bsz32_1.5b", "dapo_lora_lr1e-6_1.5b", "dapo_lora_lr5e-6_1.5b", "dapo_lora_r16_1.5b",
+            "dapo_lora_r1_1.5b", "dapo_lora_r1_lwr_1.5b", "dapo_lora_r8_1.5b", "dapo_dora_scaling_1.5b"}
+
+
 def by_scale(recipes):
-    """The 7B rows are the slow tier: the fast loop checks every 1.5B recipe, CI all of them."""
-    return [pytest.param(r, marks=pytest.mark.slow) if RECIPES[r]["model"] == R1_7B else r for r in sorted(recipes)]
+    """The slow tier holds the 7B rows and the 1.5B variants: the fast loop checks one 1.5B recipe
+    per method and algorithm, CI all of them."""
+    assert VARIANTS <= set(RECIPES)
+    return [pytest.param(r, marks=pytest.mark.slow) if RECIPES[r]["model"] == R1_7B or r in VARIANTS else r
+            for r in sorted(recipes)]
 
 
 @pytest.mark.parametrize("recipe", by_scale(RECIPES))

@@ -30,7 +30,10 @@ def parse_overrides(overrides: Sequence[str]) -> tuple[DictConfig, DictConfig]:
 
 
 def merge(cfg: DictConfig, layer: DictConfig | Mapping, what: str, *, allow_new: bool = False) -> DictConfig:
-    """Merge `layer` into `cfg`; an unknown key is an error naming it (verl's config is a closed schema)."""
+    """Merge `layer` into `cfg`; an unknown key is an error naming it (verl's config is a closed schema).
+    An empty layer returns `cfg` itself (a merge would deep-copy verl's whole config for nothing)."""
+    if not layer:
+        return cfg
     try:
         if allow_new:
             with open_dict(cfg):
