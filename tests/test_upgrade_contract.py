@@ -229,6 +229,19 @@ def test_entry_point_hands_over_to_verls_own_runner():
 # ------------------------------------------------------------------------------------------------
 
 
+def test_the_cpu_attention_head_sizes_the_config_check_knows_are_vllms():
+    """perl.verl_glue.config.checks.VLLM_CPU_HEAD_SIZES: the installed vLLM CPU build's own answer,
+    written out so that the driver's check does not import vLLM."""
+    from importlib.metadata import version
+
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    from perl.verl_glue.config.checks import VLLM_CPU_HEAD_SIZES, cpu_attention_head_sizes
+
+    assert version("vllm") in VLLM_CPU_HEAD_SIZES
+    assert cpu_attention_head_sizes(version("vllm")) == tuple(CPUAttentionBackend.get_supported_head_sizes())
+
+
 def test_vllm_cpu_version_is_the_one_the_plugin_patches():
     from importlib.metadata import version
 

