@@ -54,11 +54,11 @@ def stored_uids(tq) -> set[str]:
     return {key.split("_")[0] for key in (tq.kv_list().get("train") or {})}
 
 
-def make_buffer(sampler, rollout: Rollout, batch: int, cap: int):
+def make_buffer(sampler, rollout: Rollout, batch: int, cap: int, **sampler_kwargs):
     return sampler.PerlReplayBuffer(
         trainer_mode="sync", trainer_config={}, max_off_policy_threshold=8, max_off_policy_strategy="drop",
         sampler_kwargs={"filter_groups_metric": "acc", "max_num_gen_batches": cap, "max_inflight_gen_batches": 1,
-                        "train_batch_size": batch, "sync_refill_failed_groups": False},
+                        "train_batch_size": batch, "sync_refill_failed_groups": False, **sampler_kwargs},
         refill_fn=rollout.add, poll_interval=0.0)
 
 
@@ -113,13 +113,8 @@ def test_without_cap_verl_keeps_generating(replay):
 # ------------------------------------------------------------------------------------------------
 
 
-def make_over_dispatching_buffer(sampler, rollout: Rollout, batch: int, cap: int, metrics_path=None):
-    return sampler.PerlReplayBuffer(
-        trainer_mode="sync", trainer_config={}, max_off_policy_threshold=8, max_off_policy_strategy="drop",
-        sampler_kwargs={"filter_groups_metric": "acc", "max_num_gen_batches": cap, "max_inflight_gen_batches": 1,
-                        "train_batch_size": batch, "sync_refill_failed_groups": False, "over_dispatch": True,
-                        "metrics_path": metrics_path},
-        refill_fn=rollout.add, poll_interval=0.0)
+def make_over_dispatching_buffer(sampler, rollout: Rollout, batch: int, cap: int, run_dir=None):
+    return make_buffer(sampler, rollout, batch, cap, over_dispatch=True, run_dir=run_dir)
 
 
 def test_over_dispatch_is_sized_by_the_recent_drop_rate():
@@ -147,8 +142,8 @@ def test_a_resumed_run_reads_the_drop_rate_of_the_steps_before_it(tmp_path):
             {"step": 3, DROPPED: 4, DISPATCHED: 22},  # ... the last row of a step counts
             {"step": 4, DROPPED: 1, DISPATCHED: 17}, {"step": 2}]  # a row of another writer: no counts
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n{truncated")
-    assert drop_history(str(path), before_step=4) == [(2, 18), (4, 22)]
-    assert drop_history(str(path), before_step=1) == [] and drop_history(str(tmp_path / "none"), 5) == []
+    assert drop_history(str(tmp_path), before_step=4) == [(2, 18), (4, 22)]
+    assert drop_history(str(tmp_path), before_step=1) == [] and drop_history(str(tmp_path / "none"), 5) == []
 
 
 def test_over_dispatch_fills_the_batch_in_one_round_and_keeps_the_groups_in_dispatch_order(replay, tmp_path):
@@ -160,7 +155,7 @@ def test_over_dispatch_fills_the_batch_in_one_round_and_keeps_the_groups_in_disp
     metrics_path.write_text(json.dumps({"step": 1, DROPPED: 2, DISPATCHED: 6}) + "\n")
     script = ["zero", "mixed", "one", "mixed", "mixed", "mixed", "zero", "mixed", "mixed", "mixed"]
     rollout = Rollout(replay, script)
-    buffer = make_over_dispatching_buffer(sampler, rollout, batch, cap=10, metrics_path=str(metrics_path))
+    buffer = make_over_dispatching_buffer(sampler, rollout, batch, cap=10, run_dir=str(tmp_path))
     rollout.add(batch)  # what the trainer's prepare_step submits
     meta, metrics = buffer.sample(global_steps=2, partition_id="train", batch_size=batch)
     extra = sampler.over_dispatch_count(batch, [(2, 6)])  # p = 3/8: (4 + sqrt(1.5)) / 0.625 -> 9, 5 extra
@@ -177,7 +172,7 @@ def test_with_over_dispatch_a_refill_sends_only_what_the_groups_in_flight_cannot
     sampler = replay[0]
     rollout = Rollout(replay, ["mixed"] * 100)
     buffer = make_over_dispatching_buffer(sampler, rollout, batch=16, cap=0)
-    buffer._recent = [(4, 20)]  # a fifth dropped lately
+    buffer.history = [(4, 20)]  # a fifth dropped lately
     buffer.refilled_prompts = 4  # this step dispatched 20: 16 + 4
     buffer.finished_keys["train"] = {f"f{i}" for i in range(6)}  # 6 done with signal,
     buffer.running_keys["train"] = {f"r{i}" for i in range(14)}  # 14 still generating, none dropped

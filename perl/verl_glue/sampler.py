@@ -31,14 +31,12 @@ would have).
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from typing import Any
 
 from verl.trainer.ppo.v1.replay_buffer import ReplayBuffer
 
-from perl.verl_glue.run_dir import DISPATCHED, DROPPED, OVER_DISPATCHED, REFILLED
+from perl.verl_glue.run_dir import DISPATCHED, DROPPED, OVER_DISPATCHED, REFILLED, read_metrics
 
 DROP_RATE_WINDOW = 3  # steps whose drop rate sizes the next step's over-dispatch
 MAX_OVER_DISPATCH = 2  # at most this many extra batches at a step's start (DAPO's recipe: gen batch = 3x)
@@ -71,20 +69,11 @@ def over_dispatch_count(batch: int, history: list[tuple[int, int]], cap_batches:
     return max(0, min(extra, limit))
 
 
-def drop_history(metrics_path: str | None, before_step: int) -> list[tuple[int, int]]:
+def drop_history(run_dir: str | None, before_step: int) -> list[tuple[int, int]]:
     """(dropped, dispatched) of the steps before `before_step` from a run's metrics.jsonl (the last
-    row of each step), for a resumed run; [] when there is no such file."""
-    if not metrics_path or not os.path.exists(metrics_path):
-        return []
-    rows: dict[int, dict] = {}
-    with open(metrics_path) as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(row.get("step"), int) and row["step"] < before_step:
-                rows[row["step"]] = row
+    row of each step), for a resumed run; [] when there is none."""
+    rows = {r["step"]: r for r in (read_metrics(run_dir) if run_dir else [])
+            if isinstance(r.get("step"), int) and r["step"] < before_step}
     return [(int(r.get(DROPPED, 0)), int(r[DISPATCHED])) for _, r in sorted(rows.items()) if DISPATCHED in r]
 
 
@@ -98,10 +87,9 @@ class PerlReplayBuffer(ReplayBuffer):
         self.train_batch_size = int(kwargs["train_batch_size"])
         self.max_num_gen_batches = int(kwargs.get("max_num_gen_batches", 0) or 0)
         self.over_dispatch = bool(kwargs.get("over_dispatch", False))
-        self.metrics_path = kwargs.get("metrics_path")
+        self.run_dir = kwargs.get("run_dir")
         self.history: list[tuple[int, int]] | None = None  # (dropped, dispatched) per step; read lazily
         self.refilled_prompts = 0  # prompts generated to refill the batch being sampled
-        self._recent: list[tuple[int, int]] = []  # the history's last DROP_RATE_WINDOW steps
         self._refill = refill_fn
         refill_failed = bool(kwargs.get("sync_refill_failed_groups", False))
         super().__init__(
@@ -137,12 +125,11 @@ class PerlReplayBuffer(ReplayBuffer):
         (verl subtracts the request from its credit either way; each later drop brings new
         credit, so the batch still fills.)"""
         if self.over_dispatch:
-            train = "train"
-            done = len(self.finished_keys[train]) + len(self.failure_keys[train])
-            inflight = len(self.pending_keys[train]) + len(self.running_keys[train])
+            done = len(self.finished_keys["train"]) + len(self.failure_keys["train"])
+            inflight = len(self.pending_keys["train"]) + len(self.running_keys["train"])
             # in sync sampling a dispatched group is done, in flight or dropped (surplus goes last)
             dropped_now = self.train_batch_size + self.refilled_prompts - done - inflight
-            keep = 1 - drop_rate(self._recent + [(dropped_now, done + dropped_now)])
+            keep = 1 - drop_rate(self.history[-DROP_RATE_WINDOW:] + [(dropped_now, done + dropped_now)])
             deficit = self.train_batch_size - done - math.floor(inflight * keep)
             if deficit <= 0:
                 return 0
@@ -165,8 +152,7 @@ class PerlReplayBuffer(ReplayBuffer):
         extra = 0
         if dapo and self.over_dispatch:
             if self.history is None:
-                self.history = drop_history(self.metrics_path, global_steps)
-            self._recent = self.history[-DROP_RATE_WINDOW:]
+                self.history = drop_history(self.run_dir, global_steps)
             extra = over_dispatch_count(self.train_batch_size, self.history, self.max_num_gen_batches)
             if extra:
                 self._check_cap(extra)

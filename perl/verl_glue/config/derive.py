@@ -23,7 +23,6 @@ from .blocks import ADAPTER_SYNC, CONSOLE_MODES, SYNC_DTYPES, HeldoutBlock, Peft
 from .layers import parse_overrides
 from .cpu import poll_interval
 from .errors import ConfigError
-from perl.verl_glue.run_dir import METRICS_FILE
 
 ENGINE_LIB = "perl.verl_glue.engine"
 REWARD_PATH = "pkg://perl.reward.verl_reward"
@@ -243,7 +242,7 @@ def wire_sampler(cfg: DictConfig) -> None:
             "sync_refill_failed_groups": "${trainer.v1.sampler.sync_refill_failed_groups}",
             "poll_interval": poll_interval(cfg),
             "over_dispatch": "${perl.over_dispatch}",
-            "metrics_path": os.path.join(run_dir(cfg), METRICS_FILE),  # a resume reads the drop rate
+            "run_dir": run_dir(cfg),  # a resume reads the drop rate of the steps before it
         }
 
 
