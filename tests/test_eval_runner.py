@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import fresh_base
 from perl.data import prepare, write_parquet
@@ -106,6 +107,24 @@ def test_eval_cli_refuses_a_bad_reward_option_before_loading_anything(setup, tmp
     assert main(args + [f"--reward={r}" for r in reward]) == 2
     assert text in capsys.readouterr().err
     assert not (tmp_path / "ev").exists()
+
+
+def test_the_in_process_engine_block_sets_vllms_switch_and_undoes_what_vllm_leaves(monkeypatch):
+    """perl.eval.backends.in_process_engine: inside, vLLM's multiprocessing switch is off unless the
+    user set it; after it, the environment is as before and `torch.set_num_threads` is torch's again
+    even if vLLM's CPU worker replaced it inside (as it does when its engine is built in this process)."""
+    from perl.eval.backends import IN_PROCESS_ENV, in_process_engine
+
+    original = torch.set_num_threads
+    for before in (None, "1"):
+        if before is None:
+            monkeypatch.delenv(IN_PROCESS_ENV, raising=False)
+        else:
+            monkeypatch.setenv(IN_PROCESS_ENV, before)
+        with in_process_engine():
+            assert os.environ[IN_PROCESS_ENV] == (before or "0")
+            torch.set_num_threads = lambda n: None  # what vLLM's CPUWorker.init_device does
+        assert os.environ.get(IN_PROCESS_ENV) == before and torch.set_num_threads is original
 
 
 def test_backend_choice_and_vllm_requests():

@@ -51,6 +51,10 @@ def test_perl_eval_vllm_backend_seeds_every_sample_and_resumes(tmp_path, toy_mod
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     first = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
     assert first.returncode == 0, first.stderr[-3000:]
+    # the engine ran in perl eval's own process (perl.eval.backends.in_process_engine): vLLM prefixes
+    # the log lines of a spawned engine process with its name
+    assert "Loading safetensors checkpoint shards" in first.stderr
+    assert "(EngineCore pid=" not in first.stderr and "(Worker pid=" not in first.stderr
     samples = [json.loads(x) for x in open(out / "toy.samples.jsonl")]
     assert len(samples) == 18 and len({s["seed"] for s in samples}) == 18  # one seed per sample
     results = json.load(open(out / "results.json"))

