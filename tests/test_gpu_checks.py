@@ -246,6 +246,18 @@ def test_the_cpu_platform_is_picked_for_a_cpu_torch_or_when_asked(monkeypatch, c
     assert _detect_platform_name() == "cpu"
 
 
+def test_the_cpu_rollout_server_runs_vllms_sampler_without_torch_compile(monkeypatch):
+    """verl hands the platform's rollout_env_vars to the server actor (contract test): on CPU the
+    server gets TORCHDYNAMO_DISABLE=1 (vLLM's sampler would build its compiled helpers with a C++
+    compiler at the first request) unless the environment sets it."""
+    from perl.verl_glue.cpu_platform import PlatformCPU
+
+    monkeypatch.delenv("TORCHDYNAMO_DISABLE", raising=False)
+    assert PlatformCPU().rollout_env_vars()["TORCHDYNAMO_DISABLE"] == "1"
+    monkeypatch.setenv("TORCHDYNAMO_DISABLE", "0")
+    assert PlatformCPU().rollout_env_vars()["TORCHDYNAMO_DISABLE"] == "0"
+
+
 def test_trainer_device_cpu_asks_for_the_cpu_platform_in_every_process(paths, monkeypatch):
     monkeypatch.delenv("VERL_PLATFORM", raising=False)
     gpu_cfg = vc.compose({}, ready(paths))

@@ -195,6 +195,19 @@ def test_cpu_platform_plugin_hook():
     assert 'Falling back to \'nvidia\'.' in src and 'return "nvidia"' in src
 
 
+@pytest.mark.vllm
+def test_vllms_sampler_compiles_the_helpers_the_cpu_server_runs_eagerly():
+    """perl/verl_glue/cpu_platform.py `rollout_env_vars` turns torch.compile off in the CPU rollout
+    server because vLLM's sampler compiles these two (rank of a sampled log-prob; unseeded sampling),
+    which would otherwise be built with inductor at the first request. If vLLM stops compiling
+    them, the setting has no reason left."""
+    from vllm.v1.sample.ops.logprobs import batched_count_greater_than
+    from vllm.v1.sample.ops.topk_topp_sampler import compiled_random_sample
+
+    for fn in (batched_count_greater_than, compiled_random_sample):
+        assert hasattr(fn, "_torchdynamo_orig_callable"), fn  # a torch.compile wrapper
+
+
 def test_checkpoint_engine_backends_are_the_ones_the_gpu_check_knows():
     """config/gpu_checks.py refuses every backend but naive before Ray, naming verl's others;
     delta_sharded because it exports through the engine's get_per_tensor_param_shard (verl's shards
