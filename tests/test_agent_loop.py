@@ -148,7 +148,7 @@ def test_with_one_server_every_request_goes_to_it_without_the_load_balancer(cfg)
 
 
 def test_the_load_balancer_actor_starts_only_when_something_asks_for_it(cfg, monkeypatch):
-    """LazyBalancerServerManager: verl's manager minus the balancer actor at start-up. PeRL's
+    """PerlLLMServerManager: verl's manager minus the balancer actor at start-up. PeRL's
     one-server client gets no handle and starts nothing; anything that asks for the balancer
     (verl's own client, `global_load_balancer`) starts it once, with the arguments verl's own
     `_init_global_load_balancer` passes (both run here against a recorder of `get_router_handle`)."""
@@ -156,10 +156,10 @@ def test_the_load_balancer_actor_starts_only_when_something_asks_for_it(cfg, mon
     from verl.workers.rollout.llm_server import LLMServerClient, LLMServerManager
 
     import perl.verl_glue.trainer  # noqa: F401  (makes verl's trainer build the lazy manager)
-    from perl.verl_glue.agent_loop import LazyBalancerServerManager, OneServerClient
+    from perl.verl_glue.agent_loop import PerlLLMServerManager, OneServerClient
     from verl.trainer.ppo.v1 import trainer_base
 
-    assert trainer_base.LLMServerManager is LazyBalancerServerManager
+    assert trainer_base.LLMServerManager is PerlLLMServerManager
 
     started = []
     monkeypatch.setattr(router, "get_router_handle", lambda **kw: started.append(kw) or f"balancer-{len(started)}")
@@ -173,10 +173,82 @@ def test_the_load_balancer_actor_starts_only_when_something_asks_for_it(cfg, mon
 
     verls = manager(LLMServerManager)
     assert len(started) == 1 and verls.global_load_balancer == "balancer-1"  # verl: at start-up
-    lazy = manager(LazyBalancerServerManager)
+    lazy = manager(PerlLLMServerManager)
     assert len(started) == 1  # PeRL: not yet
     client = lazy.get_client(client_cls=OneServerClient, server=("10.0.0.1:8000", "handle"))
     assert isinstance(client, OneServerClient) and client._load_balancer is None and len(started) == 1
     default = lazy.get_client()  # verl's client needs the balancer: started now, with verl's arguments
     assert type(default) is LLMServerClient and default._load_balancer == "balancer-2"
     assert started[1] == started[0] and lazy.global_load_balancer == "balancer-2" and len(started) == 2
+
+
+def test_agent_loop_workers_start_with_the_servers_once_and_only_for_perls_manager(cfg, monkeypatch):
+    """start_workers_early creates the manager's workers, empty, named and placed as verl's
+    `_init_agent_loop_workers` does (contract test); `PerlAgentLoopManager` initialises exactly those
+    with verl's four arguments, and falls back to verl's own start when none (or another number)
+    were started. Ray is replaced by recorders here; the end-to-end tests run it for real."""
+    import ray
+    from omegaconf import OmegaConf
+
+    from perl.verl_glue import agent_loop as al
+
+    node = "ab" * 28  # a node id as Ray writes them
+    monkeypatch.setattr(ray, "nodes", lambda: [{"NodeID": node, "Alive": True, "Resources": {"CPU": 32.0}},
+                                               {"NodeID": "gpu-only", "Alive": True, "Resources": {}}])
+    created, killed = [], []
+
+    class Handle:
+        def __init__(self, options):
+            self.options, self.calls = options, []
+            self.start = self
+
+        def remote(self, *args):
+            self.calls.append(args)
+            future = asyncio.get_event_loop().create_future()
+            future.set_result(None)
+            return future
+
+    class Factory:
+        def options(self, **options):
+            return self
+
+        def remote(self, *args):
+            assert not args  # empty: the manager initialises them
+            created.append(Handle(self._options))
+            return created[-1]
+
+    factory = Factory()
+    monkeypatch.setattr(al.PerlAgentLoopWorker, "options",
+                        lambda **options: setattr(factory, "_options", options) or factory)
+    monkeypatch.setattr(ray, "kill", killed.append)
+    monkeypatch.setattr(al, "_EARLY", {})
+
+    other = OmegaConf.merge(cfg, {"actor_rollout_ref": {"rollout": {"agent": {
+        "agent_loop_manager_class": "verl.trainer.ppo.v1.agent_loop_tq.AgentLoopManagerTQ"}}}})
+    assert al.start_workers_early(other) is False and not created  # verl's manager would not take them
+    assert al.start_workers_early(cfg) is True and len(created) == cfg.actor_rollout_ref.rollout.agent.num_workers == 2
+    assert al.start_workers_early(cfg) is False and len(created) == 2  # once per process
+    assert [h.options["name"].rsplit("_", 1)[0] for h in created] == ["agent_loop_worker_0", "agent_loop_worker_1"]
+    assert all(h.options["scheduling_strategy"].node_id == node and h.options["scheduling_strategy"].soft
+               for h in created)
+
+    manager = object.__new__(al.PerlAgentLoopManager)
+    manager.config, manager.rollout_config = cfg, cfg.actor_rollout_ref.rollout
+    manager.llm_client, manager.teacher_client, manager.reward_loop_worker_handles = "client", None, ["rw"]
+    asyncio.run(manager._init_agent_loop_workers())
+    assert manager.agent_loop_workers == created
+    assert all(h.calls == [(cfg, "client", None, ["rw"])] for h in created)  # verl's four arguments
+
+    # a second manager finds none left and starts its own, as verl does; a count that differs from
+    # what was started (another config) gets verl's start too, and the early ones are stopped
+    verls = []
+
+    async def verl_start(self):
+        verls.append(self)
+
+    monkeypatch.setattr(al.AgentLoopManagerTQ, "_init_agent_loop_workers", verl_start)
+    asyncio.run(manager._init_agent_loop_workers())
+    assert verls == [manager]
+    al._EARLY["workers"] = ["w0", "w1", "w2"]
+    asyncio.run(manager._init_agent_loop_workers())
+    assert verls == [manager, manager] and killed == ["w0", "w1", "w2"] and "workers" not in al._EARLY

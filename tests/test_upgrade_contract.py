@@ -427,10 +427,10 @@ def test_llm_client_hook_and_the_server_choice_the_one_server_client_replaces():
     assert not inspect.iscoroutinefunction(LLMServerClient._release_server)
 
 
-def test_the_trainer_builds_its_server_manager_by_the_name_the_lazy_balancer_replaces():
-    """perl.verl_glue.trainer.use_lazy_balancer (patches/README.md #8): verl's trainer builds the
+def test_the_trainer_builds_its_server_manager_by_the_name_perl_replaces():
+    """perl.verl_glue.trainer.use_perl_server_manager (patches/README.md #8): verl's trainer builds the
     manager through its module's `LLMServerManager` name, `create` starts the balancer in
-    `_init_global_load_balancer` (whose body LazyBalancerServerManager repeats on first use), and
+    `_init_global_load_balancer` (whose body PerlLLMServerManager repeats on first use), and
     `get_client` is where verl's client takes the handle."""
     import inspect
 
@@ -447,6 +447,32 @@ def test_the_trainer_builds_its_server_manager_by_the_name_the_lazy_balancer_rep
             "            full_determinism=getattr(self.rollout_config, \"full_determinism\", False),\n"
             "            load_balancer_cls=self._load_balancer_cls,\n        )") in init
     assert "load_balancer_handle=self.global_load_balancer," in inspect.getsource(LLMServerManager.get_client)
+
+
+def test_the_agent_loop_workers_perl_starts_early_are_the_ones_verl_would_start():
+    """perl.verl_glue.agent_loop.start_workers_early (patches/README.md #9) places and names the
+    workers as verl's `_init_agent_loop_workers` does and `PerlAgentLoopWorker.start` takes the four
+    arguments verl's `.remote(...)` passes; the servers start in `_initialize_llm_servers`, which
+    `create` awaits before the balancer; the trainer builds the agent-loop manager after `init()`."""
+    import inspect
+
+    from verl.experimental.agent_loop.agent_loop import AgentLoopManager, AgentLoopWorker
+    from verl.workers.rollout.llm_server import LLMServerManager
+
+    init = inspect.getsource(AgentLoopManager._init_agent_loop_workers)
+    assert ('node_ids = [node["NodeID"] for node in ray.nodes() if node["Alive"] and '
+            'node["Resources"].get("CPU", 0) > 0]') in init
+    assert 'name=f"agent_loop_worker_{i}" + f"_{uuid4().hex[:8]}",' in init
+    assert "node_id=node_id, soft=True" in init and "node_id = node_ids[i % len(node_ids)]" in init
+    assert (").remote(\n                    self.config,\n                    self.llm_client,\n"
+            "                    self.teacher_client,\n                    self.reward_loop_worker_handles,\n"
+            "                )") in init
+    assert list(inspect.signature(AgentLoopWorker.__init__).parameters) == [
+        "self", "config", "llm_client", "teacher_client", "reward_loop_worker_handles"]
+    create = inspect.getsource(LLMServerManager.create)
+    assert "await instance._initialize_llm_servers()" in create
+    runner = _source("verl.trainer.main_ppo")
+    assert "self.trainer.init()\n            self.init_agent_loop_manager()" in runner
 
 
 def test_vllm_cpu_keeps_the_uni_executor_only_without_v1_multiprocessing():

@@ -24,7 +24,7 @@ is (a seeded one is drawn from the same distribution):
   its load-balancer actor which server to use before every completion and tells it when done (two
   Ray calls per completion to one more process on the same cores); with a single server the answer
   is always that server. Several servers (a GPU node with more than one replica) keep verl's client.
-  With one server the balancer's actor is not even started (`LazyBalancerServerManager`: verl
+  With one server the balancer's actor is not even started (`PerlLLMServerManager`: verl
   starts it with the servers; PeRL on first use, which then never comes).
 
 The manager is verl's `AgentLoopManagerTQ` with this worker class; the contract test
@@ -63,7 +63,13 @@ class _InProcessReward:
 
 
 class _PerlAgentLoopWorker(AgentLoopWorkerTQ.__ray_actor_class__):
-    def __init__(self, config, llm_client, teacher_client=None, reward_loop_worker_handles=None):
+    def __init__(self, *args, **kwargs):
+        """With verl's arguments, verl's worker. Without any (`start_workers_early`): a process that
+        has only imported the agent loop's modules, until `start` runs the same initialisation."""
+        if args or kwargs:
+            self.start(*args, **kwargs)
+
+    def start(self, config, llm_client, teacher_client=None, reward_loop_worker_handles=None) -> None:
         if in_process_reward(config):
             reward_loop_worker_handles = [_InProcessReward(config)]
         super().__init__(config, llm_client, teacher_client, reward_loop_worker_handles)
@@ -111,11 +117,71 @@ PerlAgentLoopWorker = ray.remote(_PerlAgentLoopWorker)
 
 
 class PerlAgentLoopManager(AgentLoopManagerTQ):
-    """verl's TransferQueue agent-loop manager with `PerlAgentLoopWorker` as its workers."""
+    """verl's TransferQueue agent-loop manager with `PerlAgentLoopWorker` as its workers, taking the
+    worker processes `start_workers_early` started when there are."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.agent_loop_workers_class = PerlAgentLoopWorker
+
+    async def _init_agent_loop_workers(self):
+        import asyncio
+
+        early = take_early_workers(int(self.rollout_config.agent.num_workers))
+        if early is None:
+            return await super()._init_agent_loop_workers()
+        # verl creates its workers with these four arguments (and does not wait for them)
+        await asyncio.gather(*[worker.start.remote(self.config, self.llm_client, self.teacher_client,
+                                                   self.reward_loop_worker_handles) for worker in early])
+        self.agent_loop_workers = early
+        print(f"[perl] {len(early)} agent-loop worker(s), started with the rollout servers", flush=True)
+
+
+# The agent-loop workers `start_workers_early` started, in the task runner's process, until the
+# manager takes them: {"workers": [...]}; {"started": True} once it has run (it runs once).
+_EARLY: dict[str, Any] = {}
+
+
+def start_workers_early(config) -> bool:
+    """Start the agent-loop worker processes now, empty, placed and named as verl's
+    `AgentLoopManager._init_agent_loop_workers` places and names them (verl 0.9.1; contract test).
+
+    verl starts them after the trainer is built, once TransferQueue, the actor and the vLLM server
+    have each been started and waited for: the workers' own start (a process importing torch,
+    transformers and verl's agent loop, ~4.5 s of CPU each) then comes on top, before the first
+    step can generate (step 1 of the toy took ~11 s against ~2.3 s for the next). `PerlLLMServerManager`
+    calls this as the rollout servers start: the workers' imports run while vLLM starts, which keeps
+    about one core of two busy; `PerlAgentLoopManager` then initialises them with verl's arguments
+    (`PerlAgentLoopWorker.start`). Only for PeRL's manager (the one that takes them) and once per
+    process; returns whether it started them."""
+    from uuid import uuid4
+
+    from hydra.utils import get_class
+
+    manager = config.actor_rollout_ref.rollout.agent.get("agent_loop_manager_class")
+    if _EARLY.get("started") or not manager or not issubclass(get_class(str(manager)), PerlAgentLoopManager):
+        return False
+    _EARLY["started"] = True
+    node_ids = [node["NodeID"] for node in ray.nodes() if node["Alive"] and node["Resources"].get("CPU", 0) > 0]
+    _EARLY["workers"] = [
+        PerlAgentLoopWorker.options(
+            name=f"agent_loop_worker_{i}" + f"_{uuid4().hex[:8]}",
+            scheduling_strategy=ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(
+                node_id=node_ids[i % len(node_ids)], soft=True),
+        ).remote()
+        for i in range(int(config.actor_rollout_ref.rollout.agent.num_workers))
+    ]
+    return True
+
+
+def take_early_workers(num_workers: int) -> list | None:
+    """The workers `start_workers_early` started (once; None if it did not, or started another number)."""
+    workers = _EARLY.pop("workers", None)
+    if workers is not None and len(workers) != num_workers:
+        for worker in workers:
+            ray.kill(worker)
+        return None
+    return workers
 
 
 class OneServerClient(LLMServerClient):
@@ -136,14 +202,21 @@ class OneServerClient(LLMServerClient):
         pass
 
 
-class LazyBalancerServerManager(LLMServerManager):
-    """verl's LLM server manager whose load-balancer actor is started on first use instead of when
-    the servers are (`LLMServerManager.create` -> `_init_global_load_balancer`). With one server
-    PeRL's trainer hands out `OneServerClient`, which never asks the balancer: the actor is then
-    never started (a process, ~7 s of CPU at start-up on the 2-core box: Ray imports verl's vLLM
-    server module in it to unpickle the server handles). Any other use (`global_load_balancer`, a
-    `get_client` for verl's own client) starts it as verl would have, with the same arguments.
-    perl/verl_glue/trainer.py makes verl's trainer build this class (patches/README.md #8)."""
+class PerlLLMServerManager(LLMServerManager):
+    """verl's LLM server manager, which starts the processes of the rollout differently in two ways
+    (perl/verl_glue/trainer.py makes verl's trainer build this class; patches/README.md #8, #9):
+
+    - its load-balancer actor is started on first use instead of with the servers
+      (`LLMServerManager.create` -> `_init_global_load_balancer`). With one server PeRL's trainer
+      hands out `OneServerClient`, which never asks the balancer: the actor is then never started (a
+      process, ~7 s of CPU at start-up on the 2-core box: Ray imports verl's vLLM server module in it
+      to unpickle the server handles). Any other use (`global_load_balancer`, a `get_client` for
+      verl's own client) starts it as verl would have, with the same arguments;
+    - as the servers start, so do the agent-loop workers' processes (`start_workers_early`)."""
+
+    async def _initialize_llm_servers(self, *args, **kwargs):
+        start_workers_early(self.config)
+        return await super()._initialize_llm_servers(*args, **kwargs)
 
     async def _init_global_load_balancer(self) -> None:
         self._load_balancer = None  # started by the property below when something asks for it

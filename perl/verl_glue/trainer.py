@@ -10,7 +10,8 @@ Every PeRL run on verl's sync V1 trainer uses `PerlSyncTrainer` (perl.verl_glue.
 - the advantage step for adv_estimator=tspmo (below);
 - a collapse (dynamic sampling exhausted) ends the run with its last weights saved (`_record_collapse`);
 - with a single rollout server, the LLM client skips verl's load balancer (`get_llm_client`), whose
-  actor is then never started (`use_lazy_balancer`).
+  actor is then never started, and the agent-loop workers start with the rollout servers
+  (`use_perl_server_manager`).
 
 T-SPMO (perl.algos.token_efficient) credits each (prefix, next token) pair of a group, so its
 advantage step needs the response token ids. verl 0.9.1's `PPOTrainer._compute_advantage` reads
@@ -51,19 +52,20 @@ from verl.trainer.ppo.v1.replay_buffer import DAPO_FILTERED_REWARD_COUNTS_KEY  #
 TSPMO_FIELDS = ["uid", "responses", "response_mask", "rm_scores"]
 
 
-def use_lazy_balancer() -> None:
+def use_perl_server_manager() -> None:
     """verl's trainer builds its LLM server manager as `trainer_base.LLMServerManager.create(...)`;
     PeRL's subclass starts the load-balancer actor only when something asks for it (never with one
-    server: `get_llm_client` below). Done when this module is imported, in the task runner's process,
-    before the trainer is built (patches/README.md #8)."""
+    server: `get_llm_client` below) and the agent-loop workers' processes with the servers. Done when
+    this module is imported, in the task runner's process, before the trainer is built
+    (patches/README.md #8, #9)."""
     import verl.trainer.ppo.v1.trainer_base as trainer_base
 
-    from perl.verl_glue.agent_loop import LazyBalancerServerManager
+    from perl.verl_glue.agent_loop import PerlLLMServerManager
 
-    trainer_base.LLMServerManager = LazyBalancerServerManager
+    trainer_base.LLMServerManager = PerlLLMServerManager
 
 
-use_lazy_balancer()
+use_perl_server_manager()
 
 
 @register_trainer(PERL_TRAINER_MODE)
@@ -201,6 +203,5 @@ register_with_verl()  # the T-SPMO estimator, in the task runner's process too
 
 class _PerlTaskRunner(TaskRunnerV1.__ray_actor_class__):
     """verl's V1 task runner; defined here so that its Ray process registers `PerlSyncTrainer`."""
-
 
 PerlTaskRunner = ray.remote(_PerlTaskRunner)
