@@ -475,6 +475,31 @@ def test_the_agent_loop_workers_perl_starts_early_are_the_ones_verl_would_start(
     assert "self.trainer.init()\n            self.init_agent_loop_manager()" in runner
 
 
+def test_a_second_transfer_queue_init_connects_to_the_first():
+    """perl.verl_glue.entry.start_transfer_queue_early starts TransferQueue in the driver; verl's
+    task runner then calls `tq.init(config.transfer_queue)` itself (after setting `enable`), which
+    must find the existing controller and only connect (TransferQueue's documented behaviour)."""
+    import inspect
+
+    import transfer_queue as tq
+
+    init = inspect.getsource(tq.init)
+    assert "if _init_from_existing():\n        return conf" in init
+    assert 'ray.get_actor("TransferQueueController", namespace="transfer_queue")' in _source("transfer_queue.interface")
+    runner = _source("verl.trainer.main_ppo")
+    assert "config.transfer_queue.enable = True" in runner and "tq.init(config.transfer_queue)" in runner
+    # entry.transfer_queue_settings: the actor classes are decorated in place (so Ray ships them by
+    # value, with their module's globals from the creating process), and read TQ_NUM_THREADS into
+    # a module global at import
+    from ray.actor import ActorClass
+    from transfer_queue.controller import TransferQueueController
+    from transfer_queue.storage.simple_storage import SimpleStorageUnit
+
+    assert isinstance(SimpleStorageUnit, ActorClass) and isinstance(TransferQueueController, ActorClass)
+    for module in ("transfer_queue.client", "transfer_queue.storage.simple_storage"):
+        assert 'TQ_NUM_THREADS = int(os.environ.get("TQ_NUM_THREADS", 8))' in _source(module), module
+
+
 def test_vllm_cpu_keeps_the_uni_executor_only_without_v1_multiprocessing():
     """perl/verl_glue/config/cpu.yaml sets VLLM_ENABLE_V1_MULTIPROCESSING=0 so that vLLM's CPU
     platform leaves distributed_executor_backend=uni alone; verl's server (AsyncLLM) keeps its own

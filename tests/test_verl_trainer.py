@@ -21,6 +21,7 @@ import transfer_queue as tq  # started by the `transfer_queue` fixture (conftest
 from verl.trainer.ppo.v1 import PPOTrainerSync, get_trainer_cls
 from verl.utils.tensordict_utils import list_of_dict_to_tensordict
 
+from conftest import ready
 from perl.verl_glue import config as vc
 from perl.verl_glue.trainer import PerlSyncTrainer, PerlTaskRunner
 
@@ -112,3 +113,57 @@ def test_the_trainer_is_verls_sync_trainer_to_the_base_class():
     t = object.__new__(PerlSyncTrainer)
     t.trainer_mode = vc.PERL_TRAINER_MODE  # what verl's __init__ assigns from the config
     assert t.trainer_mode == "sync"
+
+
+def test_transfer_queue_starts_beside_the_task_runner_once_ray_is_up(monkeypatch, paths, capsys):
+    """perl.verl_glue.entry.start_transfer_queue_early: once `run_ppo` has started Ray, the driver
+    starts TransferQueue with the run's `transfer_queue` config (enabled, as verl's task runner sets
+    it; the task runner's own `init` then connects to it: contract test); stopped before Ray is up,
+    it starts nothing; a failure is printed and leaves the start to verl."""
+    import threading
+
+    from perl.verl_glue.entry import start_transfer_queue_early
+
+    cfg = vc.compose({}, ready(paths, "trainer.device=cpu", "trainer.n_gpus_per_node=1"))
+    calls = []
+    monkeypatch.setattr(tq, "init", lambda conf: calls.append(conf))
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    stop = threading.Event()
+    thread = start_transfer_queue_early(cfg, stop)
+    stop.set()
+    thread.join(timeout=5)
+    assert not thread.is_alive() and calls == []
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    start_transfer_queue_early(cfg, threading.Event()).join(timeout=5)
+    (conf,) = calls
+    assert conf.enable is True and cfg.transfer_queue.enable is False  # the run's config is not changed
+    assert conf.backend.SimpleStorage.num_data_storage_units == 1  # the CPU profile's, from the run's config
+    assert "TransferQueue started beside verl's task runner" in capsys.readouterr().out
+
+    def refuse(conf):
+        raise RuntimeError("no controller")
+
+    monkeypatch.setattr(tq, "init", refuse)
+    start_transfer_queue_early(cfg, threading.Event()).join(timeout=5)
+    assert "TransferQueue not started ahead of verl's task runner (RuntimeError: no controller)" in capsys.readouterr().err
+
+
+def test_transfer_queue_started_from_the_driver_takes_the_runs_settings(monkeypatch):
+    """entry.transfer_queue_settings: the run's TQ_* values (the CPU profile's TQ_NUM_THREADS) reach
+    the module globals TransferQueue's actor classes are shipped with from the driver; other
+    variables are left alone."""
+    import transfer_queue.client as tq_client
+    import transfer_queue.storage.simple_storage as tq_storage
+
+    from perl.verl_glue.entry import transfer_queue_settings
+
+    for module in (tq_client, tq_storage):
+        monkeypatch.setattr(module, "TQ_NUM_THREADS", 8)
+    monkeypatch.setattr(tq_client, "TQ_CLIENT_ZMQ_MAX_SOCKETS", None)
+    for key in ("TQ_NUM_THREADS", "TQ_CLIENT_ZMQ_MAX_SOCKETS", "OMP_NUM_THREADS"):
+        monkeypatch.setenv(key, "x")  # restored after the test
+    transfer_queue_settings({"TQ_NUM_THREADS": "2", "TQ_CLIENT_ZMQ_MAX_SOCKETS": "64", "OMP_NUM_THREADS": "2"})
+    assert tq_client.TQ_NUM_THREADS == 2 == tq_storage.TQ_NUM_THREADS
+    assert tq_client.TQ_CLIENT_ZMQ_MAX_SOCKETS == "64"
+    assert os.environ["TQ_NUM_THREADS"] == "2" and os.environ["OMP_NUM_THREADS"] == "x"

@@ -29,6 +29,7 @@ import contextlib
 import json
 import os
 import sys
+import threading
 import time
 from typing import Any
 
@@ -118,11 +119,74 @@ def train(cfg) -> None:
 
         raise ConfigError("trainer.use_v1=false: PeRL runs on verl's V1 trainer (dynamic sampling lives there)")
     started_ray = not ray.is_initialized()
+    stop = threading.Event()
+    early_queue = start_transfer_queue_early(cfg, stop)
     try:
         run_ppo(cfg, task_runner_class=PerlTaskRunner)
     finally:
+        stop.set()
+        early_queue.join()
+        if ray.is_initialized():
+            import transfer_queue as tq
+
+            with contextlib.suppress(Exception):  # the storage units this process started
+                tq.close()
         if started_ray and ray.is_initialized():
             ray.shutdown()  # frees the trainer's processes before the evaluation starts its own vLLM
+
+
+def start_transfer_queue_early(cfg, stop: threading.Event) -> threading.Thread:
+    """Start TransferQueue (verl's V1 data store: a controller and its storage units, each a Ray
+    actor) from this process as soon as `run_ppo` has started Ray, in a thread, instead of letting
+    verl's task runner start it once it has imported its modules (~5 s of CPU). TransferQueue's own
+    `init` supports this: a later `init` in another process (the task runner's, with the same
+    `transfer_queue` config) finds the controller and only connects. On 2 cores the two starts, ~6 s
+    one after the other in the task runner, now overlap its imports. Returns the thread, which gives
+    up when `stop` is set before Ray has started; a failure is printed and leaves the start to verl's
+    task runner, as before."""
+    import ray
+    from omegaconf import OmegaConf
+
+    conf = OmegaConf.create(OmegaConf.to_container(cfg.transfer_queue, resolve=True))
+    conf.enable = True  # as verl's task runner sets it before its own `init`
+    env_vars = OmegaConf.to_container(OmegaConf.select(cfg, "ray_kwargs.ray_init.runtime_env.env_vars") or {})
+
+    def start() -> None:
+        import transfer_queue as tq
+
+        while not ray.is_initialized():  # run_ppo's ray.init, in the main thread
+            if stop.wait(0.02):
+                return
+        try:
+            transfer_queue_settings(env_vars)
+            tq.init(conf)
+            print("[perl] TransferQueue started beside verl's task runner", flush=True)
+        except Exception as e:  # noqa: BLE001 - verl's task runner then starts it, as it always did
+            print(f"[perl] TransferQueue not started ahead of verl's task runner ({type(e).__name__}: {e})",
+                  file=sys.stderr, flush=True)
+
+    thread = threading.Thread(target=start, name="perl-transfer-queue", daemon=True)
+    thread.start()
+    return thread
+
+
+def transfer_queue_settings(env_vars: dict) -> None:
+    """TransferQueue reads its `TQ_*` settings from the environment into module globals when its
+    modules are imported, and its actor classes are decorated with `ray.remote` in place, so Ray's
+    cloudpickle sends them by value, with those globals as the creating process found them. Created
+    from the driver, the controller and storage units would take the driver's values where verl's
+    task runner would have given them the run's Ray environment (e.g. the CPU profile's
+    `TQ_NUM_THREADS`; without it the storage unit warns at every put and get). So the run's `TQ_*`
+    values are set here, in the environment and in the imported modules' globals (patches/README.md
+    #10; contract test)."""
+    for key, value in env_vars.items():
+        if not key.startswith("TQ_"):
+            continue
+        os.environ[key] = str(value)
+        for name, module in list(sys.modules.items()):
+            if (name == "transfer_queue" or name.startswith("transfer_queue.")) and key in vars(module):
+                current = getattr(module, key)
+                setattr(module, key, str(value) if current is None else type(current)(value))
 
 
 def train_or_collapse(cfg, out: str) -> dict[str, Any] | None:
