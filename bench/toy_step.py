@@ -78,11 +78,8 @@ def verl_run(run_dir: str, steps: int, overrides: list[str]) -> dict:
 
 
 def direct_generation(config_path: str, out: str, repeats: int) -> None:
-    """vLLM offline: the step's first batch of prompts x G, as verl's rollout asks for them."""
-    from perl.verl_glue.cpu_platform import DEFAULT_KVCACHE_GIB
-
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the rollout's in-process executor
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", DEFAULT_KVCACHE_GIB)  # the rollout's KV cache
+    """vLLM offline: the step's first batch of prompts x G, as verl's rollout asks for them (in a
+    process started with the rollout server's environment: `rollout_env`)."""
     import pandas as pd
     import torch
     from omegaconf import OmegaConf
@@ -144,8 +141,18 @@ def direct_engine(config_path: str, pairs_path: str, out: str, repeats: int) -> 
         json.dump({"old_log_prob": logp[1:], "update_actor": update[1:]}, f)
 
 
-def child(args: list[str], what: str) -> None:
-    result = subprocess.run([sys.executable, os.path.abspath(__file__), *args], env=_env(), cwd=ROOT)
+def rollout_env() -> dict:
+    """The environment of the CPU rollout server's processes, which vLLM reads when it is imported:
+    the CPU platform's (KV cache, no torch.compile) and the in-process executor (cpu.yaml)."""
+    from perl.verl_glue.cpu_platform import PlatformCPU
+
+    return {**PlatformCPU().rollout_env_vars(),
+            "VLLM_ENABLE_V1_MULTIPROCESSING": os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0")}
+
+
+def child(args: list[str], what: str, env: dict | None = None) -> None:
+    result = subprocess.run([sys.executable, os.path.abspath(__file__), *args], env={**_env(), **(env or {})},
+                            cwd=ROOT)
     if result.returncode != 0:
         raise SystemExit(f"the direct {what} measurement failed (rc {result.returncode})")
 
@@ -170,7 +177,8 @@ def main() -> None:
     verl = verl_run(run_dir, args.steps, args.overrides)
     config = os.path.join(run_dir, "resolved_config.yaml")
     print("[toy_step] direct: vLLM offline generation of the same requests", flush=True)
-    child(["--repeats", str(args.repeats), "--direct-generation", config, os.path.join(work, "gen.pt")], "generation")
+    child(["--repeats", str(args.repeats), "--direct-generation", config, os.path.join(work, "gen.pt")], "generation",
+          rollout_env())
     print("[toy_step] direct: PeRL's engine without Ray (old log-probs, update)", flush=True)
     child(["--repeats", str(args.repeats), "--direct-engine", config, os.path.join(work, "gen.pt"),
            os.path.join(work, "engine.json")], "engine")
