@@ -42,6 +42,9 @@ def vllm_sampling_kwargs(seed: int, sampling: SamplingConfig, eos_token_ids: Seq
             "skip_special_tokens": True}
 
 
+IN_PROCESS_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"  # vLLM's switch for its engine-core process
+
+
 @contextlib.contextmanager
 def in_process_engine():
     """vLLM's CPU build, built inside this block, runs its engine in this process on every core.
@@ -71,9 +74,6 @@ def in_process_engine():
             os.environ.pop(IN_PROCESS_ENV, None)
         else:
             os.environ[IN_PROCESS_ENV] = saved
-
-
-IN_PROCESS_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"
 
 
 class VLLMBackend:

@@ -204,4 +204,5 @@ register_with_verl()  # the T-SPMO estimator, in the task runner's process too
 class _PerlTaskRunner(TaskRunnerV1.__ray_actor_class__):
     """verl's V1 task runner; defined here so that its Ray process registers `PerlSyncTrainer`."""
 
+
 PerlTaskRunner = ray.remote(_PerlTaskRunner)
