@@ -143,10 +143,13 @@ def direct_engine(config_path: str, pairs_path: str, out: str, repeats: int) -> 
 
 def rollout_env() -> dict:
     """The environment of the CPU rollout server's processes, which vLLM reads when it is imported:
-    the CPU platform's (KV cache, no torch.compile) and the in-process executor (cpu.yaml)."""
+    the CPU platform's (KV cache, no torch.compile) and the in-process executor (cpu.yaml), with
+    every core's thread: the direct generation has the machine to itself, where the verl run's
+    rollout may keep a core for the Python around it (`cpu_platform.rollout_threads`)."""
+    from perl.verl_glue.config.cpu import torch_threads
     from perl.verl_glue.cpu_platform import PlatformCPU
 
-    return {**PlatformCPU().rollout_env_vars(),
+    return {**PlatformCPU().rollout_env_vars(), "OMP_NUM_THREADS": str(torch_threads()),
             "VLLM_ENABLE_V1_MULTIPROCESSING": os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0")}
 
 

@@ -258,6 +258,21 @@ def test_the_cpu_rollout_server_runs_vllms_sampler_without_torch_compile(monkeyp
     assert PlatformCPU().rollout_env_vars()["TORCHDYNAMO_DISABLE"] == "0"
 
 
+def test_the_cpu_rollout_engine_takes_every_core_unless_vllms_reserve_keeps_some(monkeypatch):
+    """The server's OMP_NUM_THREADS (the engine core inherits it): the physical cores less vLLM's own
+    VLLM_CPU_NUM_OF_RESERVED_CPU (0 unless set; the toy sets 1), never below one thread."""
+    from perl.verl_glue import cpu_platform
+    from perl.verl_glue.config import cpu
+
+    monkeypatch.setattr(cpu, "torch_threads", lambda: 4)
+    monkeypatch.delenv("VLLM_CPU_NUM_OF_RESERVED_CPU", raising=False)
+    assert cpu_platform.PlatformCPU().rollout_env_vars()["OMP_NUM_THREADS"] == "4"
+    monkeypatch.setenv("VLLM_CPU_NUM_OF_RESERVED_CPU", "1")
+    assert cpu_platform.PlatformCPU().rollout_env_vars()["OMP_NUM_THREADS"] == "3"
+    monkeypatch.setenv("VLLM_CPU_NUM_OF_RESERVED_CPU", "9")
+    assert cpu_platform.rollout_threads() == 1
+
+
 def test_trainer_device_cpu_asks_for_the_cpu_platform_in_every_process(paths, monkeypatch):
     monkeypatch.delenv("VERL_PLATFORM", raising=False)
     gpu_cfg = vc.compose({}, ready(paths))

@@ -336,6 +336,20 @@ def test_vllm_cpu_head_size_is_checked_before_ray(tmp_path):
         vc.check_vllm(cfg)
 
 
+def test_a_recipe_may_set_ray_environment_variables_and_the_toy_keeps_a_core_for_its_rollout(paths, tmp_path):
+    """runtime_env is free-form in verl (it goes to ray.init): a recipe file may carry env_vars; the
+    toy reserves one core of its rollout engine's threads (cpu_platform.rollout_threads)."""
+    toy = vc.compose(os.path.join(ROOT, "examples", "toy.yaml"), [])
+    assert toy.ray_kwargs.ray_init.runtime_env.env_vars.VLLM_CPU_NUM_OF_RESERVED_CPU == "1"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("trainer: {device: cpu}\nray_kwargs: {ray_init: {runtime_env: {env_vars: {MY_FLAG: 'on'}}}}\n")
+    env = vc.compose(str(recipe), ready(paths)).ray_kwargs.ray_init.runtime_env.env_vars
+    assert env.MY_FLAG == "on" and env.VERL_PLATFORM == "cpu"
+    recipe.write_text("ray_kwargs: {ray_init: {runtime_envs: {}}}\n")
+    with pytest.raises(vc.ConfigError, match="unknown key 'ray_kwargs.ray_init.runtime_envs'"):
+        vc.compose(str(recipe), ready(paths))
+
+
 def test_ray_env_vars_given_as_numbers_become_strings_and_others_are_refused(paths):
     cfg = vc.compose({}, ready(paths, "trainer.device=cpu", "trainer.n_gpus_per_node=1",
                                "+ray_kwargs.ray_init.runtime_env.env_vars.VLLM_ENABLE_V1_MULTIPROCESSING=1",

@@ -234,18 +234,45 @@ class PlatformCPU(PlatformBase):
 
     def rollout_env_vars(self) -> dict[str, str]:
         """The rollout server's environment (verl passes it to the server actor; vLLM's engine-core
-        process inherits it): the KV cache vLLM's CPU build reserves, and no torch.compile. vLLM runs
-        the CPU model eagerly (`enforce_eager`), but its sampler still compiles two small functions
-        with inductor: the rank of each sampled token's log-prob (`batched_count_greater_than`, for
-        every request that asks for log-probs, i.e. every rollout) and unseeded sampling
-        (`compiled_random_sample`). The first request then waits for a C++ build: 8.8 s on a fresh
-        machine, 1.5 s with inductor's cache warm (measured, 2 cores). Eager, both are the same
-        arithmetic on a few rows of logits. A value set in the environment stands."""
+        process inherits it). A value set in the environment stands.
+
+        - the KV cache vLLM's CPU build reserves (`VLLM_CPU_KVCACHE_SPACE`);
+        - no torch.compile: vLLM runs the CPU model eagerly (`enforce_eager`), but its sampler still
+          compiles two small functions with inductor: the rank of each sampled token's log-prob
+          (`batched_count_greater_than`, for every request that asks for log-probs, i.e. every
+          rollout) and unseeded sampling (`compiled_random_sample`). The first request then waits for
+          a C++ build: 8.8 s on a fresh machine, 1.5 s with inductor's cache warm (measured, 2 cores).
+          Eager, both are the same arithmetic on a few rows of logits;
+        - torch threads: `rollout_threads()`."""
         return {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", DEFAULT_KVCACHE_GIB),
-                "TORCHDYNAMO_DISABLE": os.environ.get("TORCHDYNAMO_DISABLE", "1")}
+                "TORCHDYNAMO_DISABLE": os.environ.get("TORCHDYNAMO_DISABLE", "1"),
+                "OMP_NUM_THREADS": str(rollout_threads())}
 
     def cudart(self) -> Any:
         return None
+
+
+def rollout_threads() -> int:
+    """Torch threads of the CPU rollout engine: the physical cores less
+    `VLLM_CPU_NUM_OF_RESERVED_CPU` (vLLM's own setting: cores its CPU build keeps free of the model's
+    OpenMP threads; 0 here unless set), at least one.
+
+    vLLM's default CPU executor runs the model in a worker process bound to all cores but one, kept
+    for the engine core's scheduler (`vllm.utils.ompmultiprocessing`). PeRL's rollout runs the model
+    inside the engine-core process (the `uni` executor, cpu.yaml), where vLLM reserves nothing. Which
+    is faster depends on the workload, so the default is all cores and a recipe can reserve:
+    - a model whose forward dominates generation wants every core: SmolLM2-135M's generation took
+      12.3 s a step with 2 threads and 16.0 s with 1 (examples/smollm2_arith.yaml, 2 cores);
+    - a tiny model's generation is bound by the Python around each completion (the agent-loop
+      workers score and store it, vLLM's front end streams it, TransferQueue takes it), which then
+      runs beside the forward; an OpenMP thread that loses its core stalls every parallel region
+      (the same 168 toy requests offline: 0.23 s with both cores free, 0.60 s beside one busy core
+      with 2 threads, 0.35 s with 1). The toy reserves one core (examples/toy.yaml): its generation
+      through verl went from 1.31 to 1.10 s a step (docs/benchmarks.md)."""
+    from perl.verl_glue.config.cpu import torch_threads
+
+    reserved = int(os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "0"))
+    return max(1, torch_threads() - reserved)
 
 
 def on_cpu() -> bool:

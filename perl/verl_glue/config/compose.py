@@ -112,7 +112,8 @@ def compose(user: DictConfig | Mapping | str | None = None, overrides: Sequence[
         cfg.peft = base.pop("peft")
         cfg.perl = base.pop("perl")
         cfg.reward.reward_kwargs = {}
-    open_free_form(cfg, "peft", "perl", "reward.reward_kwargs")
+    # free-form in verl too: reward kwargs go to the reward function, runtime_env to ray.init
+    open_free_form(cfg, "peft", "perl", "reward.reward_kwargs", "ray_kwargs.ray_init.runtime_env")
     layers = [(base, "perl/verl_glue/config/perl_dapo.yaml"),
               (nested(PRESETS[algorithm]), f"perl.algorithm={algorithm} preset"),
               (loss_strict, "perl.loss_mode"), (user, "recipe"), (strict, "override")]
