@@ -21,8 +21,10 @@ CPU_DEVICE = "cpu"
 PLATFORM_ENV = "VERL_PLATFORM"  # verl's explicit platform choice (plugin/platform/platform_manager.py)
 CPU_YAML = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu.yaml")
 # How often the dynamic-sampling buffer looks for finished groups (s): verl's default on a GPU node;
-# a CPU step generates in about a second, and a 2 s poll would round every step up to 2 s.
-GPU_POLL_S, CPU_POLL_S = 2.0, 0.05
+# a CPU step generates in about a second, and a 2 s poll would round every step up to 2 s. Each
+# poll is one TransferQueue listing; the toy's generation measured 1.19 s a step polling every
+# 0.2 s, 1.02-1.29 s every 0.05 s and 1.03 s every 0.02 s (A/B pairs, docs/benchmarks.md).
+GPU_POLL_S, CPU_POLL_S = 2.0, 0.02
 CPU_REQUIRED: dict[str, Any] = {
     "actor_rollout_ref.rollout.enable_sleep_mode": False,  # vLLM's sleep mode is CUDA-only
     "actor_rollout_ref.rollout.free_cache_engine": False,  # frees the KV cache through sleep mode
