@@ -162,6 +162,16 @@ def test_the_sync_sampling_internals_over_dispatch_relies_on():
                  "self.finished_keys[partition_id].add(key)", "self.failure_keys[partition_id].add(key)",
                  "for key, tag in items.items():"):
         assert line in sync, line
+    # PerlSyncTrainer._next_train_batch: the step's batch is the one call without a count (prepare_step),
+    # whose prompts go out in one dispatch; refills (the sampler's refill_fn) ask with a count
+    from verl.trainer.ppo.v1.trainer_base import PPOTrainer
+
+    assert "self._add_batch_to_generate()" in inspect.getsource(PPOTrainer.prepare_step)
+    assert "batch = self._next_train_batch()\n        self._submit_batch_to_rollout(batch)" in inspect.getsource(
+        PPOTrainer._add_batch_to_generate)
+    assert "batch = self._next_train_batch(num_prompts)\n        return self._submit_batch_to_rollout(batch)" in (
+        inspect.getsource(PPOTrainer._add_prompts_to_generate))
+    assert list(inspect.signature(PPOTrainer._next_train_batch).parameters) == ["self", "num_prompts"]
     controller = _source("transfer_queue.controller")
     assert "keys_mapping: dict[str, int] = field(default_factory=dict)" in controller
     assert "key: partition.custom_meta.get(index, {}) for key, index in partition.keys_mapping.items()" in controller

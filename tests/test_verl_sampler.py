@@ -168,6 +168,30 @@ def test_over_dispatch_fills_the_batch_in_one_round_and_keeps_the_groups_in_disp
     assert metrics[DROPPED] == 3 and buffer.history == [(2, 6), (3, 9)]
 
 
+def test_over_dispatch_planned_with_the_batch_is_counted_and_not_sent_again(replay):
+    """PerlSyncTrainer asks for the step's over-dispatch before it sends the batch and sends both in
+    one dispatch: sample() then sends nothing more, and reports what was over-dispatched; a plan
+    made for another step is not taken for this one."""
+    from perl.verl_glue.run_dir import DISPATCHED
+
+    sampler = replay[0]
+    batch = 4
+    rollout = Rollout(replay, ["zero", "mixed", "one"] + ["mixed"] * 20)
+    buffer = make_over_dispatching_buffer(sampler, rollout, batch, cap=10)
+    buffer.history = [(2, 6)]
+    extra = buffer.plan_over_dispatch(2)
+    assert extra == sampler.over_dispatch_count(batch, [(2, 6)]) == 5
+    rollout.add(batch + extra)  # the trainer's one dispatch
+    meta, metrics = buffer.sample(global_steps=2, partition_id="train", batch_size=batch)
+    assert len(rollout.made) == batch + extra and len({k.split("_")[0] for k in meta.keys}) == batch
+    assert metrics["training/filter_groups/over_dispatched_prompts"] == extra and metrics[DISPATCHED] == batch + extra
+    buffer.plan_over_dispatch(3)  # planned for step 3; step 4 samples: its own over-dispatch is sent
+    made = len(rollout.made)
+    rollout.add(batch)
+    meta, metrics = buffer.sample(global_steps=4, partition_id="train", batch_size=batch)
+    assert len(rollout.made) - made == batch + metrics["training/filter_groups/over_dispatched_prompts"] > batch
+
+
 def test_with_over_dispatch_a_refill_sends_only_what_the_groups_in_flight_cannot_fill(replay):
     sampler = replay[0]
     rollout = Rollout(replay, ["mixed"] * 100)

@@ -115,6 +115,25 @@ def test_the_trainer_is_verls_sync_trainer_to_the_base_class():
     assert t.trainer_mode == "sync"
 
 
+def test_the_steps_batch_goes_out_with_its_over_dispatched_prompts(monkeypatch):
+    """`prepare_step` asks verl's `_next_train_batch` for the step's batch (no count): PeRL's trainer
+    asks for the batch plus the buffer's over-dispatch, in one dispatch; a count stays verl's."""
+    asked = []
+    monkeypatch.setattr(PPOTrainerSync, "_next_train_batch", lambda self, num_prompts=None: asked.append(num_prompts))
+
+    class Buffer:
+        def plan_over_dispatch(self, step):
+            return {3: 5, 4: 0}[step]
+
+    t = trainer(PerlSyncTrainer, ["data.train_batch_size=16"])
+    t.replay_buffer, t.global_steps = Buffer(), 3
+    t._next_train_batch()
+    t.global_steps = 4  # nothing to over-dispatch: verl's own call
+    t._next_train_batch()
+    t._next_train_batch(7)  # a refill
+    assert asked == [21, None, 7]
+
+
 def test_transfer_queue_starts_beside_the_task_runner_once_ray_is_up(monkeypatch, paths, capsys):
     """perl.verl_glue.entry.start_transfer_queue_early: once `run_ppo` has started Ray, the driver
     starts TransferQueue with the run's `transfer_queue` config (enabled, as verl's task runner sets

@@ -89,6 +89,7 @@ class PerlReplayBuffer(ReplayBuffer):
         self.over_dispatch = bool(kwargs.get("over_dispatch", False))
         self.run_dir = kwargs.get("run_dir")
         self.history: list[tuple[int, int]] | None = None  # (dropped, dispatched) per step; read lazily
+        self._planned: tuple[int, int] | None = None  # (step, prompts) sent with that step's batch
         self.refilled_prompts = 0  # prompts generated to refill the batch being sampled
         self._refill = refill_fn
         refill_failed = bool(kwargs.get("sync_refill_failed_groups", False))
@@ -146,18 +147,35 @@ class PerlReplayBuffer(ReplayBuffer):
         ordered = sorted(sampleable_keys, key=lambda key: (steps.get(key, 0), dispatch_order.get(key, len(steps))))
         return ordered[:batch_size], dict(self.partitions[partition_id]), steps
 
+    def plan_over_dispatch(self, global_steps: int) -> int:
+        """The prompts to over-dispatch at step `global_steps`, for a trainer that sends them with the
+        step's batch in one dispatch (`PerlSyncTrainer._next_train_batch`): `sample` then counts them
+        instead of sending them. Sent after the batch, they waited for the agent-loop workers to take
+        up the batch's completions first (0.07 s a toy step) and then trailed it."""
+        if self.filter_groups_metric is None or not self.over_dispatch:
+            return 0
+        if self.history is None:
+            self.history = drop_history(self.run_dir, global_steps)
+        extra = over_dispatch_count(self.train_batch_size, self.history, self.max_num_gen_batches)
+        self._check_cap(extra)
+        self._planned = (global_steps, extra)
+        return extra
+
     def sample(self, global_steps: int, partition_id: str, batch_size: int):
         self.refilled_prompts = 0
         dapo = partition_id != "val" and self.filter_groups_metric is not None
         extra = 0
         if dapo and self.over_dispatch:
-            if self.history is None:
-                self.history = drop_history(self.run_dir, global_steps)
-            extra = over_dispatch_count(self.train_batch_size, self.history, self.max_num_gen_batches)
-            if extra:
-                self._check_cap(extra)
+            planned, self._planned = self._planned, None
+            if planned is not None and planned[0] == global_steps:  # sent with the batch
+                extra = planned[1]
                 self.refilled_prompts += extra
-                self._refill(extra)
+            else:
+                extra = self.plan_over_dispatch(global_steps)
+                self._planned = None
+                if extra:
+                    self.refilled_prompts += extra
+                    self._refill(extra)
         batch, metrics = super().sample(global_steps, partition_id, batch_size)
         if dapo:
             metrics = dict(metrics)

@@ -108,6 +108,18 @@ class PerlSyncTrainer(PPOTrainerSync):
             self._record_collapse(run_dir, e)
             raise
 
+    def _next_train_batch(self, num_prompts: int | None = None):
+        """The step's batch (verl asks with no count, from `prepare_step`) with the prompts PeRL's
+        dynamic sampling over-dispatches at this step (`PerlReplayBuffer.plan_over_dispatch`): one
+        dispatch, the same prompts in the same order as sending them after it. Any other count is
+        verl's."""
+        if num_prompts is None:
+            plan = getattr(self.replay_buffer, "plan_over_dispatch", None)
+            extra = plan(self.global_steps) if plan is not None else 0
+            if extra:
+                num_prompts = int(self.config.data.train_batch_size) + extra
+        return super()._next_train_batch(num_prompts)
+
     def _record_collapse(self, run_dir: str, error: Exception) -> None:
         """Training collapsed: step `global_steps` found (almost) no group whose rollouts differ in
         reward, so RL has nothing left to learn from (e.g. PiSSA at a high lr, every answer wrong).
