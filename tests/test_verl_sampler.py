@@ -179,6 +179,7 @@ def test_over_dispatch_planned_with_the_batch_is_counted_and_not_sent_again(repl
     rollout = Rollout(replay, ["zero", "mixed", "one"] + ["mixed"] * 20)
     buffer = make_over_dispatching_buffer(sampler, rollout, batch, cap=10)
     buffer.history = [(2, 6)]
+    buffer.refilled_prompts = 40  # the step before refilled up to its cap: not this step's count
     extra = buffer.plan_over_dispatch(2)
     assert extra == sampler.over_dispatch_count(batch, [(2, 6)]) == 5
     rollout.add(batch + extra)  # the trainer's one dispatch

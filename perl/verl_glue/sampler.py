@@ -157,6 +157,7 @@ class PerlReplayBuffer(ReplayBuffer):
         if self.history is None:
             self.history = drop_history(self.run_dir, global_steps)
         extra = over_dispatch_count(self.train_batch_size, self.history, self.max_num_gen_batches)
+        self.refilled_prompts = 0  # the count of the step this plan starts (`sample` resets it too)
         self._check_cap(extra)
         self._planned = (global_steps, extra)
         return extra
