@@ -154,12 +154,18 @@ class PerlReplayBuffer(ReplayBuffer):
         up the batch's completions first (0.07 s a toy step) and then trailed it."""
         if self.filter_groups_metric is None or not self.over_dispatch:
             return 0
+        extra = self._over_dispatch_count(global_steps)
+        self._planned = (global_steps, extra)
+        return extra
+
+    def _over_dispatch_count(self, global_steps: int) -> int:
+        """`over_dispatch_count` from the drop history (read once; a resumed run's from its metrics),
+        checked against the cap as the first prompts of the step."""
         if self.history is None:
             self.history = drop_history(self.run_dir, global_steps)
         extra = over_dispatch_count(self.train_batch_size, self.history, self.max_num_gen_batches)
-        self.refilled_prompts = 0  # the count of the step this plan starts (`sample` resets it too)
+        self.refilled_prompts = 0  # the count of the step this starts (a plan comes before `sample`)
         self._check_cap(extra)
-        self._planned = (global_steps, extra)
         return extra
 
     def sample(self, global_steps: int, partition_id: str, batch_size: int):
@@ -170,13 +176,11 @@ class PerlReplayBuffer(ReplayBuffer):
             planned, self._planned = self._planned, None
             if planned is not None and planned[0] == global_steps:  # sent with the batch
                 extra = planned[1]
-                self.refilled_prompts += extra
             else:
-                extra = self.plan_over_dispatch(global_steps)
-                self._planned = None
+                extra = self._over_dispatch_count(global_steps)
                 if extra:
-                    self.refilled_prompts += extra
                     self._refill(extra)
+            self.refilled_prompts += extra
         batch, metrics = super().sample(global_steps, partition_id, batch_size)
         if dapo:
             metrics = dict(metrics)

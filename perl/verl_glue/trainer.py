@@ -112,7 +112,8 @@ class PerlSyncTrainer(PPOTrainerSync):
         """The step's batch (verl asks with no count, from `prepare_step`) with the prompts PeRL's
         dynamic sampling over-dispatches at this step (`PerlReplayBuffer.plan_over_dispatch`): one
         dispatch, the same prompts in the same order as sending them after it. Any other count is
-        verl's."""
+        verl's, and so is the batch of a sampler of the user's own (`trainer.v1.sampler.custom_sampler`),
+        which has no plan."""
         if num_prompts is None:
             plan = getattr(self.replay_buffer, "plan_over_dispatch", None)
             extra = plan(self.global_steps) if plan is not None else 0
