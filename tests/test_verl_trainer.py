@@ -186,3 +186,81 @@ def test_transfer_queue_started_from_the_driver_takes_the_runs_settings(monkeypa
     assert tq_client.TQ_NUM_THREADS == 2 == tq_storage.TQ_NUM_THREADS
     assert tq_client.TQ_CLIENT_ZMQ_MAX_SOCKETS == "64"
     assert os.environ["TQ_NUM_THREADS"] == "2" and os.environ["OMP_NUM_THREADS"] == "x"
+
+
+@ray.remote
+class _Echo:
+    def ping(self):
+        return "pong"
+
+
+@ray.remote
+def _handed_over(worker):
+    """What a Ray actor receives when handed `worker` (verl hands the server actor its workers)."""
+    return isinstance(worker, ray.actor.ActorHandle), ray.get(worker.ping.remote())
+
+
+def test_a_placed_worker_answers_verls_node_question_and_travels_as_its_handle(transfer_queue):
+    from perl.verl_glue.agent_loop import _PlacedWorker
+
+    placed = _PlacedWorker(_Echo.remote(), "node-a", "0")
+    # verl's launch_servers: await worker.__ray_call__.remote(lambda self: (node id, accelerator id))
+    assert ray.get(placed.__ray_call__.remote(lambda self: 1 / 0)) == ("node-a", "0")  # the fn is not run
+    assert ray.get(_handed_over.remote(placed)) == (True, "pong")
+
+
+def test_the_rollout_servers_start_early_only_on_a_cpu_run_of_verls_vllm_replica(paths):
+    from perl.verl_glue.trainer import early_rollout_servers_apply
+
+    def applies(*overrides, hybrid=True):
+        t = trainer(PerlSyncTrainer, ready(paths, *overrides))
+        t._enable_hybrid_replicas = hybrid
+        return early_rollout_servers_apply(t.config, t)
+
+    assert applies("trainer.device=cpu")
+    assert not applies("trainer.device=cpu", "perl.early_rollout_server=false")
+    assert not applies("trainer.device=cpu", hybrid=False)  # standalone replicas: verl's launch
+    assert not applies("trainer.device=cpu", "trainer.nnodes=2")
+    assert not applies()  # a GPU node: the actor takes its memory before vLLM measures what is free
+
+
+def test_verls_create_takes_the_early_launch_of_its_worker_group(monkeypatch, transfer_queue):
+    """`PerlLLMServerManager.start_early` runs verl's `create` in a thread with workers that answer
+    the node question themselves; verl's own `create` call for that worker group then gets the same
+    manager, with verl's worker group, its resource pool and the replicas' real handles; another
+    worker group gets verl's launch, and a failed launch raises there."""
+    from types import SimpleNamespace
+
+    import perl.verl_glue.agent_loop as al
+    from verl.workers.rollout.llm_server import LLMServerManager
+
+    launched = []
+
+    def verls_create(cls, *, config, worker_group, rollout_resource_pool=None):
+        launched.append((worker_group, rollout_resource_pool))
+        if config == "broken":
+            raise RuntimeError("vLLM did not start")
+        answers = ray.get([w.__ray_call__.remote(lambda self: ("asked", "the worker")) for w in worker_group.workers])
+        return SimpleNamespace(config=config, worker_group=worker_group, rollout_replicas=[
+            SimpleNamespace(workers=list(worker_group.workers), answers=answers)])
+
+    monkeypatch.setattr(LLMServerManager, "create", classmethod(verls_create))
+    handles = [_Echo.remote(), _Echo.remote()]
+    group = SimpleNamespace(world_size=2, workers=handles)
+
+    al.PerlLLMServerManager.start_early("cfg", group, "node-a")
+    manager = al.PerlLLMServerManager.create(config="cfg", worker_group=group, rollout_resource_pool="pool")
+    placed_group = launched[0][0]
+    assert placed_group is not group and placed_group.world_size == 2 and len(launched) == 1
+    assert manager.rollout_replicas[0].answers == [("node-a", "0"), ("node-a", "1")]
+    assert manager.worker_group is group and manager.rollout_resource_pool == "pool"
+    assert manager.rollout_replicas[0].workers == handles
+    assert al.PerlLLMServerManager._early_launch is None
+
+    other = SimpleNamespace(world_size=1, workers=handles[:1])
+    al.PerlLLMServerManager.create(config="cfg", worker_group=other)  # no early launch for it: verl's
+    assert launched[-1] == (other, None)
+
+    al.PerlLLMServerManager.start_early("broken", group, "node-a")
+    with pytest.raises(RuntimeError, match="vLLM did not start"):
+        al.PerlLLMServerManager.create(config="broken", worker_group=group)
