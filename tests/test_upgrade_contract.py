@@ -485,45 +485,6 @@ def test_the_agent_loop_workers_perl_starts_early_are_the_ones_verl_would_start(
     assert "self.trainer.init()\n            self.init_agent_loop_manager()" in runner
 
 
-def test_the_rollout_server_launch_perl_starts_beside_the_actors_set_up():
-    """perl.verl_glue.agent_loop.PerlLLMServerManager.start_early (patches/README.md #11): verl's
-    `_setup` assigns the actor's worker group, then runs its `init_model`, then creates the server
-    manager by keyword with that group; the manager reads only the group's `world_size` and hands it
-    to each replica's `init_hybrid`, which slices its `workers` and launches; vLLM's replica asks each
-    worker only `(node id, accelerator id)` through `__ray_call__` before it creates the server
-    actors, and the server only counts the workers it is given."""
-    import inspect
-    import re
-
-    from verl.workers.rollout.llm_server import LLMServerManager
-    from verl.workers.rollout.replica import RolloutReplica
-    from verl.workers.rollout.vllm_rollout.vllm_async_server import vLLMHttpServer, vLLMReplica
-
-    setup = inspect.getsource(__import__("verl.trainer.ppo.v1.trainer_base", fromlist=["PPOTrainer"]).PPOTrainer._setup)
-    assign = setup.index("self.actor_rollout_wg = all_wg[str(actor_role)]")
-    init = setup.index("self.actor_rollout_wg.init_model()")
-    create = setup.index("LLMServerManager.create(\n                config=self.config,\n"
-                         "                worker_group=self.actor_rollout_wg,\n"
-                         "                rollout_resource_pool=actor_rollout_resource_pool,")
-    assert assign < init < create
-    assert setup.count("self.actor_rollout_wg = ") == 1
-    servers = inspect.getsource(LLMServerManager._initialize_llm_servers)
-    assert re.findall(r"self\.worker_group\.\w+", servers) == ["self.worker_group.world_size"]
-    assert "server.init_hybrid(self.worker_group) for server in self.rollout_replicas" in servers
-    hybrid = inspect.getsource(RolloutReplica.init_hybrid)
-    assert "self.workers = worker_group.workers[" in hybrid and "await self.launch_servers()" in hybrid
-    launch = inspect.getsource(vLLMReplica.launch_servers)
-    asked = launch.index("worker.__ray_call__.remote(")
-    assert launch.count("__ray_call__") == 1 and asked < launch.index("self.server_class.options(")
-    assert ("lambda self: (\n                        ray.get_runtime_context().get_node_id(),\n"
-            "                        ray.get_runtime_context().get_accelerator_ids()[get_resource_name()][0],") in launch
-    assert "workers=workers," in launch
-    server = inspect.getsource(vLLMHttpServer)
-    uses = re.findall(r"\S*self\.workers\b\S*", server)  # stored, then only counted
-    assert uses == ["self.workers", "len(self.workers)", "({len(self.workers)})"], uses
-    assert list(inspect.signature(LLMServerManager.__init__).parameters)[:3] == ["self", "config", "worker_group"]
-
-
 def test_a_second_transfer_queue_init_connects_to_the_first():
     """perl.verl_glue.entry.start_transfer_queue_early starts TransferQueue in the driver; verl's
     task runner then calls `tq.init(config.transfer_queue)` itself (after setting `enable`), which

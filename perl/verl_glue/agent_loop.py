@@ -34,9 +34,6 @@ The manager is verl's `AgentLoopManagerTQ` with this worker class; the contract 
 from __future__ import annotations
 
 import hashlib
-import operator
-import threading
-from types import SimpleNamespace
 from typing import Any
 
 import ray
@@ -205,35 +202,9 @@ class OneServerClient(LLMServerClient):
         pass
 
 
-class _PlacedWorker:
-    """An actor worker's handle whose answer to verl's first question is known before the worker is
-    built. verl 0.9.1's `vLLMReplica.launch_servers` starts by asking every worker for its node and
-    accelerator with `worker.__ray_call__.remote(fn)`, an actor call that waits for the worker's
-    construction and `init_model`; this answers it at once (`ray.put`). Pickled, it is the handle
-    itself (`itemgetter(0)` of a 1-tuple: Ray's own reducer pickles the handle), so the server actor
-    receives the real handles, which it only counts."""
-
-    def __init__(self, handle, node_id: str, accelerator_id: str) -> None:
-        self.handle = handle
-        self._answer = (node_id, accelerator_id)
-        self.__ray_call__ = self  # worker.__ray_call__.remote(fn)
-
-    def remote(self, _fn):
-        return ray.put(self._answer)
-
-    def __reduce__(self):
-        return operator.itemgetter(0), ((self.handle,),)
-
-
-def single_node_id() -> str | None:
-    """The Ray cluster's node when it has exactly one alive node (a local Ray), else None."""
-    alive = [node["NodeID"] for node in ray.nodes() if node["Alive"]]
-    return alive[0] if len(alive) == 1 else None
-
-
 class PerlLLMServerManager(LLMServerManager):
-    """verl's LLM server manager, which starts the processes of the rollout differently in three ways
-    (perl/verl_glue/trainer.py makes verl's trainer build this class; patches/README.md #8, #9, #11):
+    """verl's LLM server manager, which starts the processes of the rollout differently in two ways
+    (perl/verl_glue/trainer.py makes verl's trainer build this class; patches/README.md #8, #9):
 
     - its load-balancer actor is started on first use instead of with the servers
       (`LLMServerManager.create` -> `_init_global_load_balancer`). With one server PeRL's trainer
@@ -241,61 +212,11 @@ class PerlLLMServerManager(LLMServerManager):
       process, ~7 s of CPU at start-up on the 2-core box: Ray imports verl's vLLM server module in it
       to unpickle the server handles). Any other use (`global_load_balancer`, a `get_client` for
       verl's own client) starts it as verl would have, with the same arguments;
-    - as the servers start, so do the agent-loop workers' processes (`start_workers_early`);
-    - on a CPU run on one node the servers start beside the actor's worker instead of after its
-      `init_model` (`start_early`, called by `PerlSyncTrainer` as soon as verl has spawned the worker
-      group; verl's `create` call in `_setup` then takes the launched manager)."""
-
-    # (worker group, thread, {"manager" | "error": ...}) of the launch `start_early` began
-    _early_launch: tuple | None = None
+    - as the servers start, so do the agent-loop workers' processes (`start_workers_early`)."""
 
     async def _initialize_llm_servers(self, *args, **kwargs):
         start_workers_early(self.config)
         return await super()._initialize_llm_servers(*args, **kwargs)
-
-    @classmethod
-    def start_early(cls, config, worker_group, node_id: str) -> None:
-        """Launch the rollout servers in a thread now, as verl's `_setup` would after the actor's
-        `init_model`, with `worker_group`'s handles answering verl's node question themselves
-        (`_PlacedWorker`: node `node_id`, accelerator = the worker's rank, which on CPU names a Ray
-        placement token that nothing reads). In verl's order vLLM's server process is created only
-        once the actor's worker has been built (its imports) and has initialised its model: on the
-        2-core box the server's start (imports, engine core, model) then follows the actor's
-        instead of overlapping it. Only for a CPU run on one node: a GPU's actor must hold its memory
-        before vLLM measures what is free, and several nodes need each worker's own answer."""
-        placed = SimpleNamespace(world_size=worker_group.world_size,
-                                 workers=[_PlacedWorker(w, node_id, str(rank)) for rank, w in enumerate(worker_group.workers)])
-        result: dict[str, Any] = {}
-
-        def launch() -> None:
-            try:
-                result["manager"] = cls.create(config=config, worker_group=placed)
-            except BaseException as e:  # noqa: BLE001 - raised again where verl asks for the servers
-                result["error"] = e
-
-        thread = threading.Thread(target=launch, name="perl-early-rollout-servers", daemon=True)
-        thread.start()
-        cls._early_launch = (worker_group, thread, result)
-
-    @classmethod
-    def create(cls, *args, **kwargs):
-        """verl's `create`; for the worker group `start_early` launched servers for, that launch's
-        manager (waited for), with verl's worker group and resource pool."""
-        early = cls._early_launch
-        if early is None or kwargs.get("worker_group") is not early[0]:
-            return super().create(*args, **kwargs)
-        cls._early_launch = None
-        worker_group, thread, result = early
-        thread.join()
-        if "error" in result:
-            raise result["error"]
-        manager = result["manager"]
-        manager.worker_group = worker_group
-        manager.rollout_resource_pool = kwargs.get("rollout_resource_pool")
-        for replica in manager.rollout_replicas:
-            replica.workers = [getattr(w, "handle", w) for w in replica.workers]
-        print("[perl] rollout server started beside the actor's set-up", flush=True)
-        return manager
 
     async def _init_global_load_balancer(self) -> None:
         self._load_balancer = None  # started by the property below when something asks for it

@@ -83,23 +83,6 @@ class PerlSyncTrainer(PPOTrainerSync):
     def trainer_mode(self, _registered_name: str) -> None:
         pass
 
-    @property
-    def actor_rollout_wg(self):
-        return self.__dict__.get("_perl_actor_rollout_wg")
-
-    @actor_rollout_wg.setter
-    def actor_rollout_wg(self, worker_group) -> None:
-        """verl's `_setup` sets the actor's worker group as soon as it has spawned it, before its
-        `init_model`: on a CPU run on one node the rollout servers start from here, beside it
-        (`PerlLLMServerManager.start_early`; perl.early_rollout_server=false: verl's order)."""
-        self.__dict__["_perl_actor_rollout_wg"] = worker_group
-        if worker_group is not None and early_rollout_servers_apply(self.config, self):
-            from perl.verl_glue.agent_loop import PerlLLMServerManager, single_node_id
-
-            node_id = single_node_id()
-            if node_id is not None:
-                PerlLLMServerManager.start_early(self.config, worker_group, node_id)
-
     def get_llm_client(self):
         """verl's client, or with a single rollout server one that skips the load balancer
         (perl.verl_glue.agent_loop.OneServerClient: two Ray calls fewer per completion)."""
@@ -214,21 +197,6 @@ class PerlSyncTrainer(PPOTrainerSync):
         nested = response_to_nested(advantages, response_mask)  # returns = advantages (outcome only, as GRPO)
         output = TensorDict({"advantages": nested, "returns": nested}, batch_size=len(batch))
         return tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=output)
-
-
-def early_rollout_servers_apply(config, trainer) -> bool:
-    """perl.early_rollout_server on a CPU run whose rollout is verl's own hybrid vLLM replica (the
-    replica whose `launch_servers` `PerlLLMServerManager.start_early` answers; contract test)."""
-    from verl.workers.rollout.replica import get_rollout_replica_class
-    from verl.workers.rollout.vllm_rollout.vllm_async_server import vLLMReplica
-
-    from perl.verl_glue.config.cpu import CPU_DEVICE
-
-    rollout = config.actor_rollout_ref.rollout
-    return (bool(config.perl.get("early_rollout_server", True)) and config.trainer.device == CPU_DEVICE
-            and getattr(trainer, "_enable_hybrid_replicas", True) and int(config.trainer.nnodes) == 1
-            and get_rollout_replica_class(rollout.name, disaggregation_enabled=rollout.disaggregation.enabled)
-            is vLLMReplica)
 
 
 def all_groups_accuracy(metrics: dict, n_kept: int, group_size: int) -> float | None:

@@ -73,8 +73,6 @@ class PerlBlock:
     over_dispatch: bool = _f(True, "dynamic sampling sends extra prompts with each batch, sized by the last steps' "
                                    "drop rate, so that refill rounds are rare (perl.verl_glue.sampler); false: "
                                    "verl's exact batch, refilled in rounds")
-    early_rollout_server: bool = _f(True, "CPU, one node: vLLM's server starts beside the actor's set-up instead of "
-                                          "after its init_model (perl.verl_glue.agent_loop); false: verl's order")
     dump_rollout_tokens: bool = _f(False, "write each step's batch as token ids + log-probs (<run>/rollouts/)")
     seeded_rollouts: bool = _f(False, "each completion sampled with its own seed from rollout.seed, the step, the "
                                       "prompt's index and its place in the group: rollouts reproducible")
