@@ -252,3 +252,102 @@ def test_agent_loop_workers_start_with_the_servers_once_and_only_for_perls_manag
     al._EARLY["workers"] = ["w0", "w1", "w2"]
     asyncio.run(manager._init_agent_loop_workers())
     assert verls == [manager, manager] and killed == ["w0", "w1", "w2"] and "workers" not in al._EARLY
+
+
+class _TQRecorder:
+    """Stands in for TransferQueue's two async put calls; records them in order."""
+
+    def __init__(self, monkeypatch):
+        import transfer_queue as tq
+
+        self.calls = []
+        monkeypatch.setattr(tq, "async_kv_put", self.kv_put)
+        monkeypatch.setattr(tq, "async_kv_batch_put", self.kv_batch_put)
+
+    async def kv_put(self, key, partition_id, tag):
+        self.calls.append(("status", key, tag["status"]))
+
+    async def kv_batch_put(self, keys, fields, tags, partition_id):
+        self.calls.append(("trajectories", list(keys), fields, tags))
+
+
+def _scoring_worker(cfg, answers: dict[int, str]):
+    """A bare worker (no Ray, no vLLM) whose agent loop answers session i with `answers[i]`
+    (a missing i raises, as a failed generation would); scoring and the puts are PeRL's and verl's."""
+    from verl.experimental.agent_loop.agent_loop import AgentLoopMetrics, AgentLoopOutput
+
+    from perl.verl_glue.agent_loop import _InProcessReward
+
+    worker = _bare_worker(cfg)
+    worker.reward_loop_worker_handles = [_InProcessReward(cfg)]
+    worker.distillation_enabled, worker._seed_base, worker.mm_processor_kwargs = False, None, {}
+    tok = worker.tokenizer
+
+    class Loop:
+        async def run(self, sampling_params, **kwargs):
+            await asyncio.sleep(0.001 * (7 - kwargs["session_id"]))  # sessions end out of order
+            prompt = tok.encode("1+2=")
+            response = tok.encode(answers[kwargs["session_id"]])
+            return AgentLoopOutput(prompt_ids=prompt, response_ids=response, response_mask=[1] * len(response),
+                                   num_turns=2, metrics=AgentLoopMetrics())
+
+    worker._agent_loop = lambda name: Loop()
+    return worker
+
+
+def _prompt(uid="u1", n=8):
+    return {"uid": uid, "index": 5, "global_steps": 3, "agent_name": "single_turn_agent", "data_source": "arith",
+            "reward_model": {"style": "rule", "ground_truth": "3"}, "extra_info": {"index": 5},
+            "raw_prompt": [{"role": "user", "content": "1+2="}], "__rollout_n__": n}
+
+
+def test_a_groups_trajectories_go_into_transfer_queue_in_one_put_before_its_status(cfg, monkeypatch):
+    """`_run_prompt`: 'running', then the G trajectories in one put (verl: one put each, as each
+    ends), then 'finished'; each scored and keyed as verl keys it ({uid}_{session}_{output})."""
+    recorder = _TQRecorder(monkeypatch)
+    answers = {i: "<think>ok</think> \\boxed{3}" if i % 2 else "<think>ok</think> \\boxed{4}" for i in range(8)}
+    worker = _scoring_worker(cfg, answers)
+    traj = {"step": 3, "sample_index": 5, "rollout_n": 0, "validate": False}
+    asyncio.run(worker._run_prompt(_prompt(), {"temperature": 1.0}, trajectory=traj))
+
+    assert [c[0] for c in recorder.calls] == ["status", "trajectories", "status"]
+    assert recorder.calls[0][1:] == ("u1", "running") and recorder.calls[2][1:] == ("u1", "finished")
+    _, keys, fields, tags = recorder.calls[1]
+    assert sorted(keys) == [f"u1_{i}_0" for i in range(8)] and keys != sorted(keys)  # in completion order
+    assert fields.batch_size[0] == 8 and all(t["status"] == "success" and t["global_steps"] == 3 for t in tags)
+    scores = {key: float(fields["rm_scores"][i].sum()) for i, key in enumerate(keys)}  # at the last token
+    assert scores == {f"u1_{i}_0": 1.0 if i % 2 else 0.0 for i in range(8)}
+    for i, key in enumerate(keys):  # each row is verl's record of that trajectory
+        response = torch.tensor(worker.tokenizer.encode(answers[int(key.split("_")[1])]))
+        assert torch.equal(fields["responses"][i], response) and tags[i]["response_len"] == len(response)
+        assert torch.equal(fields["input_ids"][i][-len(response):], response)
+        assert torch.equal(fields["position_ids"][i], torch.arange(tags[i]["seq_len"]))
+        assert fields["extra_fields"][i]["reward_extra_info"]["acc"] == scores[key]
+
+
+def test_a_group_with_a_failed_session_puts_what_finished_then_failure(cfg, monkeypatch):
+    """As in verl: the sessions that finished are stored, the group's status is 'failure' (verl's
+    replay buffer then clears the whole group)."""
+    recorder = _TQRecorder(monkeypatch)
+    worker = _scoring_worker(cfg, {i: "<think>ok</think> \\boxed{3}" for i in range(8) if i != 2})
+    traj = {"step": 3, "sample_index": 5, "rollout_n": 0, "validate": False}
+    asyncio.run(worker._run_prompt(_prompt(), {"temperature": 1.0}, trajectory=traj))
+    assert [c[0] for c in recorder.calls] == ["status", "trajectories", "status"]
+    assert sorted(recorder.calls[1][1]) == [f"u1_{i}_0" for i in range(8) if i != 2]
+    assert recorder.calls[2][1:] == ("u1", "failure")
+
+
+def test_a_trajectory_outside_a_group_is_put_at_once(cfg, monkeypatch):
+    """`_agent_loop_postprocess` called other than from `_run_prompt` (no group running) puts its
+    trajectory itself, as verl's does."""
+    recorder = _TQRecorder(monkeypatch)
+    worker = _scoring_worker(cfg, {0: "<think>ok</think> \\boxed{3}"})
+    prompt = _prompt()
+    prompt.pop("__rollout_n__")
+
+    async def one():
+        output = await worker._agent_loop("single_turn_agent").run({}, session_id=0)
+        await worker._agent_loop_postprocess(output, False, session_id=0, **prompt)
+
+    asyncio.run(one())
+    assert [c[0] for c in recorder.calls] == ["trajectories"] and recorder.calls[0][1] == ["u1_0_0"]

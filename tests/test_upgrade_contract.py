@@ -404,6 +404,16 @@ def test_agent_loop_manager_hook_and_the_worker_internals_perl_reuses():
     run = single[single.index("    async def run("):]
     assert "self." in run and not any(line.strip().startswith("self.") and "=" in line.split("(")[0]
                                       for line in run.splitlines())
+    # one put per group: PeRL's _run_prompt and _agent_loop_postprocess are verl's (these hashes) with
+    # the trajectories' put moved to the group's end; nothing else may read a group before its status
+    for name, end, digest in [("    async def _run_prompt(", "    async def _agent_loop_postprocess(", "cfca6b2a4c420a9f"),
+                              ("    async def _agent_loop_postprocess(", "class AgentLoopManagerTQ(", "3af0bada851e1a97")]:
+        start = tq.index(name)
+        assert hashlib.sha256(tq[start:tq.index(end, start)].encode()).hexdigest()[:16] == digest, name
+    assert "task = asyncio.create_task(\n                self._run_prompt(prompt, sampling_params, trajectory=trajectory_info[i], trace=trace_this_sample)" in tq
+    buffer = _source("verl.trainer.ppo.v1.replay_buffer")
+    assert 'case "finished":\n                            self.finished_keys[partition_id].add(key)' in buffer
+    assert "finished_uids = self.finished_keys[partition_id]" in buffer  # DAPO reads finished groups only
     # perl.seeded_rollouts: the group's place reaches _run_agent_loop as session_id, and verl's server
     # hands a given seed to vLLM's SamplingParams (its own full_determinism seed is only a default)
     assert "self._run_agent_loop(\n                        run_sampling_params, trajectory=trajectory, trace=trace, session_id=i, **prompt" in tq

@@ -26,6 +26,12 @@ is (a seeded one is drawn from the same distribution):
   is always that server. Several servers (a GPU node with more than one replica) keep verl's client.
   With one server the balancer's actor is not even started (`PerlLLMServerManager`: verl
   starts it with the servers; PeRL on first use, which then never comes).
+- **one TransferQueue put per group** (`_run_prompt`, `_agent_loop_postprocess`): verl puts each
+  trajectory as its completion ends (a controller round trip for the metadata, the storage write, a
+  notification: ~40% of the agent-loop workers' CPU on the toy, and most of TransferQueue's), then
+  the group's status. Nothing reads a group's trajectories before that status says `finished`
+  (verl's replay buffer samples finished groups only; a `failure` group is cleared), so PeRL puts
+  them together, just before it: 3 puts a group instead of G + 2.
 
 The manager is verl's `AgentLoopManagerTQ` with this worker class; the contract test
 (tests/test_upgrade_contract.py) pins the internals it relies on.
@@ -33,7 +39,10 @@ The manager is verl's `AgentLoopManagerTQ` with this worker class; the contract 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import logging
+from contextvars import ContextVar
 from typing import Any
 
 import ray
@@ -42,6 +51,13 @@ from verl.workers.rollout.llm_server import LLMServerClient, LLMServerManager
 
 # agent loops whose instance holds no per-trajectory state, so one serves every completion
 STATELESS_LOOPS = frozenset({"single_turn_agent"})
+
+logger = logging.getLogger(__name__)
+
+# The group whose sessions the current task runs: `_run_prompt` sets a list, `_agent_loop_postprocess`
+# appends each trajectory's (key, fields, tag) to it. A context variable: each session is a task made
+# inside `_run_prompt`, which copies the context, so every session of a group sees that group's list.
+_GROUP_RECORDS: ContextVar[list | None] = ContextVar("perl_group_records", default=None)
 
 
 class _InProcessReward:
@@ -112,8 +128,115 @@ class _PerlAgentLoopWorker(AgentLoopWorkerTQ.__ray_actor_class__):
             output = await self._agent_loop(agent_name).run(sampling_params, **kwargs)
             return await self._agent_loop_postprocess(output, trajectory["validate"], **kwargs)
 
+    async def _run_prompt(self, prompt: dict, sampling_params: dict, trajectory: dict, trace: bool = False) -> None:
+        """verl's `AgentLoopWorkerTQ._run_prompt` (verl 0.9.1, agent_loop_tq.py; the contract test pins
+        its hash), the group's trajectories put in one put once every session has settled, right before
+        the group's terminal status (verl: one put per trajectory as it ends)."""
+        import transfer_queue as tq
+        from verl.trainer.ppo.v1.agent_loop_tq import _settle_session_tasks, apply_greedy_sampling_params
+
+        uid, partition_id = prompt["uid"], "train" if not trajectory["validate"] else "val"
+        await tq.async_kv_put(key=uid, partition_id=partition_id, tag={"status": "running"})
+        tasks = []
+        records: list[tuple[str, dict, dict]] = []
+        group = _GROUP_RECORDS.set(records)  # the session tasks below copy this context
+        try:
+            config = self.config.actor_rollout_ref.rollout
+            n = prompt.pop("__rollout_n__", config.n if not trajectory["validate"] else config.val_kwargs.n)
+            do_sample = prompt.pop("__do_sample__", True)
+
+            run_sampling_params = dict(sampling_params)
+            if not trajectory["validate"] and not do_sample:
+                apply_greedy_sampling_params(run_sampling_params)
+
+            tasks = [asyncio.create_task(self._run_agent_loop(run_sampling_params, trajectory=trajectory, trace=trace,
+                                                              session_id=i, **prompt)) for i in range(n)]
+            session_errors = await _settle_session_tasks(tasks)
+            if session_errors:
+                for error in session_errors:
+                    logger.error(f"Error in _run_prompt for uid={uid}",
+                                 exc_info=(type(error), error, error.__traceback__))
+            await put_trajectories(records, partition_id)  # what verl would have put, session by session
+            await tq.async_kv_put(key=uid, partition_id=partition_id,
+                                  tag={"status": "failure" if session_errors else "finished"})
+        except Exception as e:
+            logger.exception(f"Error in _run_prompt: {e}")
+            if tasks:
+                await _settle_session_tasks(tasks)
+            await tq.async_kv_put(key=uid, partition_id=partition_id, tag={"status": "failure"})
+        finally:
+            _GROUP_RECORDS.reset(group)
+
+    async def _agent_loop_postprocess(self, output, validate, **kwargs) -> None:
+        """verl's `AgentLoopWorkerTQ._agent_loop_postprocess` (verl 0.9.1; the contract test pins its
+        hash): score, then the trajectory's TransferQueue record(s); these go to the group being run
+        (`_run_prompt` puts them), or are put now when no group is (a caller other than `_run_prompt`)."""
+        import torch
+
+        uid, session_id = kwargs["uid"], kwargs["session_id"]
+        outputs = output if isinstance(output, list) else [output]
+        if not outputs:
+            logger.warning(f"Empty output for prompt {uid}_{session_id}")
+            return
+
+        await self._compute_score(outputs, kwargs=kwargs)
+
+        final_output = outputs[-1]
+        await self._compute_teacher_logprobs(final_output, prompt_ids=final_output.prompt_ids,
+                                             response_ids=final_output.response_ids, validate=validate,
+                                             sample_kwargs=kwargs)
+
+        if final_output.reward_score is not None:
+            for output in outputs[:-1]:
+                output.reward_score = final_output.reward_score
+                output.extra_fields["reward_extra_info"] = final_output.extra_fields["reward_extra_info"]
+
+        records = []  # key format: {uid}_{session_id}_{index of the agent loop's output}
+        for i, output in enumerate(outputs):
+            prompts = torch.tensor(output.prompt_ids, dtype=torch.int64)
+            responses = torch.tensor(output.response_ids, dtype=torch.int64)
+            input_ids = torch.cat([prompts, responses], dim=0)
+            attention_mask = torch.ones_like(input_ids, dtype=torch.int64)
+            multi_modal_inputs = self._compute_multi_modal_inputs(output, input_ids)
+            position_ids = self._compute_position_ids(
+                input_ids.unsqueeze(0), attention_mask.unsqueeze(0), multi_modal_inputs
+            ).squeeze(0)
+
+            field = output.as_dict()
+            field.update(kwargs)
+            field.pop("multi_modal_data", None)  # do not store raw image/video
+            field["loss_mask"] = field["response_mask"]
+            field["input_ids"] = input_ids
+            field["position_ids"] = position_ids
+            field["multi_modal_inputs"] = multi_modal_inputs
+            prompt_len, response_len = field["prompts"].size(0), field["responses"].size(0)
+            tag = {"status": "success", "prompt_len": prompt_len, "response_len": response_len,
+                   "seq_len": prompt_len + response_len, "global_steps": kwargs["global_steps"],
+                   "min_global_steps": field["extra_fields"].get("min_global_steps"),
+                   "max_global_steps": field["extra_fields"].get("max_global_steps")}
+            records.append((f"{uid}_{session_id}_{i}", field, tag))
+
+        group = _GROUP_RECORDS.get()
+        if group is not None:
+            group.extend(records)
+        else:
+            await put_trajectories(records, "train" if not validate else "val")
+
 
 PerlAgentLoopWorker = ray.remote(_PerlAgentLoopWorker)
+
+
+async def put_trajectories(records: list[tuple[str, dict, dict]], partition_id: str) -> None:
+    """Trajectories' (key, fields, tag) into TransferQueue in one put, as verl's worker puts one
+    (`list_of_dict_to_tensordict`: ragged fields become jagged tensors, one row per trajectory)."""
+    if not records:
+        return
+    import transfer_queue as tq
+    from verl.utils.tensordict_utils import list_of_dict_to_tensordict
+
+    keys, fields, tags = zip(*records)
+    await tq.async_kv_batch_put(keys=list(keys), fields=list_of_dict_to_tensordict(list(fields)), tags=list(tags),
+                                partition_id=partition_id)
 
 
 class PerlAgentLoopManager(AgentLoopManagerTQ):
