@@ -533,3 +533,23 @@ def test_vllm_cpu_keeps_the_uni_executor_only_without_v1_multiprocessing():
             '            and parallel_config.distributed_executor_backend == "uni"') in cpu
     with open(os.path.join(root, "v1", "engine", "async_llm.py")) as f:
         assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in f.read()
+
+
+def test_the_row_by_row_log_probs_perl_replaces_with_row_chunks():
+    """perl/verl_glue/log_probs.py (patches/README.md #11): verl's `logprobs_from_logits` calls
+    `logprobs_from_logits_v2` by its module name where flash-attn's kernel is missing, and v2 is the
+    row-by-row function `chunked_logprobs` re-implements (this hash: verl 0.9.1's)."""
+    import hashlib
+
+    import verl.utils.torch_functional as verl_F
+
+    from perl.verl_glue.log_probs import chunked_logprobs
+
+    src = _source("verl.utils.torch_functional")
+    start = src.index("def logprobs_from_logits_v2(")
+    assert hashlib.sha256(src[start:src.index("\ndef ", start + 1)].encode()).hexdigest()[:16] == "93d74d3deac63593"
+    caller = src[src.index("def logprobs_from_logits("):start]
+    assert "    else:\n        output = logprobs_from_logits_v2(logits, labels)\n    return output" in caller
+    assert verl_F.logprobs_from_logits_v2 is chunked_logprobs  # installed by importing PeRL's engine
+    engine = _source("verl.workers.engine.fsdp.transformer_impl")
+    assert "from verl.utils.torch_functional import logprobs_from_logits" in engine

@@ -618,6 +618,10 @@ def register() -> type[PerlFSDPEngine]:
 
 register()
 
+from perl.verl_glue import log_probs  # noqa: E402
+
+log_probs.install()  # token log-probs in row chunks, not row by row (patches/README.md #11)
+
 from perl.algos import register_with_verl  # noqa: E402
 
 register_with_verl()  # the S-GRPO / T-SPMO policy losses, in every worker that builds this engine
