@@ -553,3 +553,30 @@ def test_the_row_by_row_log_probs_perl_replaces_with_row_chunks():
     assert verl_F.logprobs_from_logits_v2 is chunked_logprobs  # installed by importing PeRL's engine
     engine = _source("verl.workers.engine.fsdp.transformer_impl")
     assert "from verl.utils.torch_functional import logprobs_from_logits" in engine
+
+
+def test_the_actor_fetches_the_fields_its_batch_names():
+    """perl.verl_glue.trainer.actor_fields: verl's TransferQueue bridge on the actor fetches only a
+    `KVBatchMeta`'s `fields` when it names them, the old log-prob and update calls hand the actor the
+    batch they were given, and the one non-tensor field verl's FSDP engine reads is
+    `multi_modal_inputs` (PeRL's ACTOR_NON_TENSOR_FIELDS)."""
+    import inspect
+
+    from verl.trainer.ppo.v1.trainer_base import PPOTrainer
+
+    from perl.verl_glue.trainer import ACTOR_NON_TENSOR_FIELDS
+
+    bridge = _source("verl.utils.transferqueue_utils")
+    assert ("    fields = meta.fields\n    if fields is not None:\n        if isinstance(fields, str):\n"
+            "            fields = [fields]\n        batch_meta = batch_meta.select_fields(fields)") in bridge
+    assert "output: KVBatchMeta = self.actor_rollout_wg.compute_log_prob(batch)" in inspect.getsource(
+        PPOTrainer._compute_old_log_prob)
+    assert "output: TensorDict = self.actor_rollout_wg.update_actor(batch)" in inspect.getsource(PPOTrainer._update_actor)
+    engine = _source("verl.workers.engine.fsdp.transformer_impl")
+    assert 'extract_multi_modal_inputs(micro_batch.get("multi_modal_inputs", []))' in engine
+    assert ACTOR_NON_TENSOR_FIELDS == {"multi_modal_inputs"}
+    # the non-tensor reads of the engine's inputs are flags verl sets from the batch's extra_info, not fields
+    reads = set(__import__("re").findall(r'get_non_tensor_data\(data=\w+, key="(\w+)"', engine))
+    assert reads <= {"use_remove_padding", "pad_mode", "use_fused_kernels", "distillation_use_topk", "pad_token_id",
+                     "distillation_only", "calculate_entropy", "return_model_output", "max_response_len",
+                     "temperature"}, reads
