@@ -3,9 +3,9 @@ client stands in; the end-to-end tests run it inside verl's trainer)."""
 
 
 def test_the_actor_is_handed_the_tensor_fields_and_multi_modal_inputs_only(monkeypatch):
-    """`actor_fields`: inside the context the batch names its tensor fields and multi_modal_inputs
-    (from TransferQueue's schema of those keys), not the bookkeeping; afterwards none again. A batch
-    that names its own fields is left alone."""
+    """`actor_fields`: inside the context the batch names its tensor fields, and multi_modal_inputs
+    for a multimodal model (from TransferQueue's schema of those keys), not the bookkeeping;
+    afterwards none again. A batch that names its own fields is left alone."""
     import transfer_queue as tq
     from transfer_queue.metadata import KVBatchMeta
 
@@ -24,10 +24,13 @@ def test_the_actor_is_handed_the_tensor_fields_and_multi_modal_inputs_only(monke
 
     monkeypatch.setattr(tq, "get_client", lambda: Client())
     batch = KVBatchMeta(keys=["u1_0_0", "u1_1_0"], tags=[{}, {}], partition_id="train")
-    with actor_fields(batch):
+    with actor_fields(batch, multimodal=True):
         assert sorted(batch.fields) == ["input_ids", "multi_modal_inputs", "old_log_probs", "responses"]
     assert batch.fields is None and asked == [(["u1_0_0", "u1_1_0"], "train")]
+    with actor_fields(batch, multimodal=False):  # no processor: verl's agent loop left them empty
+        assert sorted(batch.fields) == ["input_ids", "old_log_probs", "responses"]
+    assert batch.fields is None
     named = KVBatchMeta(keys=["u1_0_0"], tags=[{}], partition_id="train", fields=["raw_prompt"])
-    with actor_fields(named):
+    with actor_fields(named, multimodal=False):
         assert named.fields == ["raw_prompt"]
-    assert named.fields == ["raw_prompt"] and len(asked) == 1
+    assert named.fields == ["raw_prompt"] and len(asked) == 2

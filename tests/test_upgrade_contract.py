@@ -575,6 +575,11 @@ def test_the_actor_fetches_the_fields_its_batch_names():
     engine = _source("verl.workers.engine.fsdp.transformer_impl")
     assert 'extract_multi_modal_inputs(micro_batch.get("multi_modal_inputs", []))' in engine
     assert ACTOR_NON_TENSOR_FIELDS == {"multi_modal_inputs"}
+    # without a processor verl's agent loop stores them empty, and the trainer's processor is the model's
+    loop = _source("verl.experimental.agent_loop.agent_loop")
+    assert ("        multi_modal_inputs = {}\n        if self.processor is None:\n            return multi_modal_inputs"
+            in loop) and "self.processor = self.model_config.processor" in loop
+    assert "self.processor = model_config.processor" in _source("verl.trainer.ppo.v1.trainer_base")
     # the non-tensor reads of the engine's inputs are flags verl sets from the batch's extra_info, not fields
     reads = set(__import__("re").findall(r'get_non_tensor_data\(data=\w+, key="(\w+)"', engine))
     assert reads <= {"use_remove_padding", "pad_mode", "use_fused_kernels", "distillation_use_topk", "pad_token_id",

@@ -127,12 +127,12 @@ class PerlSyncTrainer(PPOTrainerSync):
 
     def _compute_old_log_prob(self, batch, metrics: dict):
         """verl's, with the actor fetching only what it reads (`actor_fields`)."""
-        with actor_fields(batch):
+        with actor_fields(batch, multimodal=self.processor is not None):
             return super()._compute_old_log_prob(batch, metrics)
 
     def _update_actor(self, batch, metrics: dict):
         """verl's, with the actor fetching only what it reads (`actor_fields`)."""
-        with actor_fields(batch):
+        with actor_fields(batch, multimodal=self.processor is not None):
             return super()._update_actor(batch, metrics)
 
     def _record_collapse(self, run_dir: str, error: Exception) -> None:
@@ -213,24 +213,26 @@ class PerlSyncTrainer(PPOTrainerSync):
         return tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=output)
 
 
-# the non-tensor fields the actor reads (verl's FSDP engine: `micro_batch.get("multi_modal_inputs")`);
+# the non-tensor fields the actor reads, those of a multimodal model (verl's FSDP engine:
+# `micro_batch.get("multi_modal_inputs")`; verl's agent loop leaves them empty without a processor);
 # every other non-tensor field is the trajectory's bookkeeping (its dataset row: prompt, reward model,
 # extra info, tool kwargs; the agent loop's records), which no actor computation reads
 ACTOR_NON_TENSOR_FIELDS = frozenset({"multi_modal_inputs"})
 
 
 @contextmanager
-def actor_fields(batch):
-    """Let the actor fetch the tensor fields of `batch` and `ACTOR_NON_TENSOR_FIELDS`, not the
-    bookkeeping: verl fetches every field, and the actor then rebuilt and walked per-sample Python
-    objects it never reads (TransferQueue's unpacking and `TensorDict.to` on each micro-batch: ~20%
-    of the actor's CPU on the toy). A batch that already names its fields is left as it is."""
+def actor_fields(batch, multimodal: bool):
+    """Let the actor fetch the tensor fields of `batch` (and `ACTOR_NON_TENSOR_FIELDS` for a
+    `multimodal` model, one with a processor), not the bookkeeping: verl fetches every field, and the
+    actor then rebuilt and walked per-sample Python objects it never reads (TransferQueue's unpacking,
+    and `TensorDict.to` on each micro-batch of the update: ~25% of the actor's CPU on the toy). A batch
+    that already names its fields is left as it is."""
     if batch.fields is not None:
         yield
         return
     schema = tq.get_client().kv_retrieve_meta(keys=batch.keys, partition_id=batch.partition_id).field_schema
-    batch.fields = [name for name, meta in schema.items()
-                    if not meta.get("is_non_tensor", True) or name in ACTOR_NON_TENSOR_FIELDS]
+    batch.fields = [name for name, meta in schema.items() if not meta.get("is_non_tensor", True)
+                    or (multimodal and name in ACTOR_NON_TENSOR_FIELDS)]
     try:
         yield
     finally:
