@@ -5,7 +5,7 @@ client stands in; the end-to-end tests run it inside verl's trainer)."""
 def test_the_actor_is_handed_the_tensor_fields_and_multi_modal_inputs_only(monkeypatch):
     """`actor_fields`: inside the context the batch names its tensor fields, and multi_modal_inputs
     for a multimodal model (from TransferQueue's schema of those keys), not the bookkeeping;
-    afterwards none again. A batch that names its own fields is left alone."""
+    afterwards the batch's own list again."""
     import transfer_queue as tq
     from transfer_queue.metadata import KVBatchMeta
 
@@ -30,7 +30,10 @@ def test_the_actor_is_handed_the_tensor_fields_and_multi_modal_inputs_only(monke
     with actor_fields(batch, multimodal=False):  # no processor: verl's agent loop left them empty
         assert sorted(batch.fields) == ["input_ids", "old_log_probs", "responses"]
     assert batch.fields is None
-    named = KVBatchMeta(keys=["u1_0_0"], tags=[{}], partition_id="train", fields=["raw_prompt"])
+    # what verl's kv_batch_put returns: a batch naming every field its keys hold; the actor gets the
+    # tensor ones among them, and the batch its own list back
+    named = KVBatchMeta(keys=["u1_0_0"], tags=[{}], partition_id="train",
+                        fields=["raw_prompt", "input_ids", "old_log_probs", "multi_modal_inputs"])
     with actor_fields(named, multimodal=False):
-        assert named.fields == ["raw_prompt"]
-    assert named.fields == ["raw_prompt"] and len(asked) == 2
+        assert named.fields == ["input_ids", "old_log_probs"]
+    assert named.fields == ["raw_prompt", "input_ids", "old_log_probs", "multi_modal_inputs"] and len(asked) == 3

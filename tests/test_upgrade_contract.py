@@ -572,6 +572,13 @@ def test_the_actor_fetches_the_fields_its_batch_names():
     assert "output: KVBatchMeta = self.actor_rollout_wg.compute_log_prob(batch)" in inspect.getsource(
         PPOTrainer._compute_old_log_prob)
     assert "output: TensorDict = self.actor_rollout_wg.update_actor(batch)" in inspect.getsource(PPOTrainer._update_actor)
+    # after a step's first write, verl's batch is what kv_batch_put returned: it names every field
+    import transfer_queue
+
+    interface = open(os.path.join(os.path.dirname(transfer_queue.__file__), "interface.py")).read()
+    assert "The ``fields`` attribute includes all\n            persisted fields for the written samples." in interface
+    assert "batch = tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=output)" in inspect.getsource(
+        PPOTrainer._compute_advantage)
     engine = _source("verl.workers.engine.fsdp.transformer_impl")
     assert 'extract_multi_modal_inputs(micro_batch.get("multi_modal_inputs", []))' in engine
     assert ACTOR_NON_TENSOR_FIELDS == {"multi_modal_inputs"}
