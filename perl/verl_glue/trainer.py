@@ -31,9 +31,9 @@ with it the registration, in the task runner's process before `run` looks the na
 from __future__ import annotations
 
 import io
-from contextlib import contextmanager
 import json
 import os
+from contextlib import contextmanager
 
 import numpy as np
 import ray
