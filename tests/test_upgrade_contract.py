@@ -557,7 +557,7 @@ def test_the_row_by_row_log_probs_perl_replaces_with_row_chunks():
 
 def test_the_actor_fetches_the_fields_its_batch_names():
     """perl.verl_glue.trainer.actor_fields: verl's TransferQueue bridge on the actor fetches only a
-    `KVBatchMeta`'s `fields` when it names them, the old log-prob and update calls hand the actor the
+    `KVBatchMeta`'s `fields` when it names them, the old log-prob, reference and update calls hand the actor the
     batch they were given, and the one non-tensor field verl's FSDP engine reads is
     `multi_modal_inputs` (PeRL's ACTOR_NON_TENSOR_FIELDS)."""
     import inspect
@@ -572,6 +572,9 @@ def test_the_actor_fetches_the_fields_its_batch_names():
     assert "output: KVBatchMeta = self.actor_rollout_wg.compute_log_prob(batch)" in inspect.getsource(
         PPOTrainer._compute_old_log_prob)
     assert "output: TensorDict = self.actor_rollout_wg.update_actor(batch)" in inspect.getsource(PPOTrainer._update_actor)
+    ref = inspect.getsource(PPOTrainer._compute_ref_log_prob)
+    assert "output = self.actor_rollout_wg.compute_log_prob(batch)" in ref
+    assert "output = self.ref_policy_wg.compute_ref_log_prob(batch)" in ref
     # after a step's first write, verl's batch is what kv_batch_put returned: it names every field
     import transfer_queue
 

@@ -13,8 +13,8 @@ Every PeRL run on verl's sync V1 trainer uses `PerlSyncTrainer` (perl.verl_glue.
   actor is then never started, and the agent-loop workers start with the rollout servers
   (`use_perl_server_manager`);
 - the step's batch carries the prompts PeRL's dynamic sampling over-dispatches (`_next_train_batch`);
-- the actor fetches a batch's tensor fields and the one non-tensor field it reads, not the
-  trajectories' bookkeeping (`actor_fields`; old log-probs 0.27 -> 0.19 s, update 0.42 -> 0.34 s a toy step).
+- the actor (and the reference policy) fetches a batch's tensor fields and the one non-tensor field
+  it reads, not the trajectories' bookkeeping (`actor_fields`; old log-probs 0.27 -> 0.19 s, update 0.42 -> 0.34 s a toy step).
 
 T-SPMO (perl.algos.token_efficient) credits each (prefix, next token) pair of a group, so its
 advantage step needs the response token ids. verl 0.9.1's `PPOTrainer._compute_advantage` reads
@@ -129,6 +129,11 @@ class PerlSyncTrainer(PPOTrainerSync):
         """verl's, with the actor fetching only what it reads (`actor_fields`)."""
         with actor_fields(batch, multimodal=self.processor is not None):
             return super()._compute_old_log_prob(batch, metrics)
+
+    def _compute_ref_log_prob(self, batch, metrics: dict):
+        """verl's, with the reference policy fetching only what it reads (`actor_fields`)."""
+        with actor_fields(batch, multimodal=self.processor is not None):
+            return super()._compute_ref_log_prob(batch, metrics)
 
     def _update_actor(self, batch, metrics: dict):
         """verl's, with the actor fetching only what it reads (`actor_fields`)."""
