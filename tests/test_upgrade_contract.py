@@ -561,6 +561,7 @@ def test_the_actor_fetches_the_fields_its_batch_names():
     batch they were given, and the one non-tensor field verl's FSDP engine reads is
     `multi_modal_inputs` (PeRL's ACTOR_NON_TENSOR_FIELDS)."""
     import inspect
+    import re
 
     from verl.trainer.ppo.v1.trainer_base import PPOTrainer
 
@@ -591,7 +592,7 @@ def test_the_actor_fetches_the_fields_its_batch_names():
             in loop) and "self.processor = self.model_config.processor" in loop
     assert "self.processor = model_config.processor" in _source("verl.trainer.ppo.v1.trainer_base")
     # the non-tensor reads of the engine's inputs are flags verl sets from the batch's extra_info, not fields
-    reads = set(__import__("re").findall(r'get_non_tensor_data\(data=\w+, key="(\w+)"', engine))
+    reads = set(re.findall(r'get_non_tensor_data\(data=\w+, key="(\w+)"', engine))
     assert reads <= {"use_remove_padding", "pad_mode", "use_fused_kernels", "distillation_use_topk", "pad_token_id",
                      "distillation_only", "calculate_entropy", "return_model_output", "max_response_len",
                      "temperature"}, reads

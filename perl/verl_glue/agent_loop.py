@@ -46,7 +46,15 @@ from contextvars import ContextVar
 from typing import Any
 
 import ray
-from verl.trainer.ppo.v1.agent_loop_tq import AgentLoopManagerTQ, AgentLoopWorkerTQ
+import torch
+import transfer_queue as tq
+from verl.trainer.ppo.v1.agent_loop_tq import (
+    AgentLoopManagerTQ,
+    AgentLoopWorkerTQ,
+    _settle_session_tasks,
+    apply_greedy_sampling_params,
+)
+from verl.utils.tensordict_utils import list_of_dict_to_tensordict
 from verl.workers.rollout.llm_server import LLMServerClient, LLMServerManager
 
 # agent loops whose instance holds no per-trajectory state, so one serves every completion
@@ -132,9 +140,6 @@ class _PerlAgentLoopWorker(AgentLoopWorkerTQ.__ray_actor_class__):
         """verl's `AgentLoopWorkerTQ._run_prompt` (verl 0.9.1, agent_loop_tq.py; the contract test pins
         its hash), the group's trajectories put in one put once every session has settled, right before
         the group's terminal status (verl: one put per trajectory as it ends)."""
-        import transfer_queue as tq
-        from verl.trainer.ppo.v1.agent_loop_tq import _settle_session_tasks, apply_greedy_sampling_params
-
         uid, partition_id = prompt["uid"], "train" if not trajectory["validate"] else "val"
         await tq.async_kv_put(key=uid, partition_id=partition_id, tag={"status": "running"})
         tasks = []
@@ -171,8 +176,6 @@ class _PerlAgentLoopWorker(AgentLoopWorkerTQ.__ray_actor_class__):
         """verl's `AgentLoopWorkerTQ._agent_loop_postprocess` (verl 0.9.1; the contract test pins its
         hash): score, then the trajectory's TransferQueue record(s); these go to the group being run
         (`_run_prompt` puts them), or are put now when no group is (a caller other than `_run_prompt`)."""
-        import torch
-
         uid, session_id = kwargs["uid"], kwargs["session_id"]
         outputs = output if isinstance(output, list) else [output]
         if not outputs:
@@ -231,9 +234,6 @@ async def put_trajectories(records: list[tuple[str, dict, dict]], partition_id: 
     (`list_of_dict_to_tensordict`: ragged fields become jagged tensors, one row per trajectory)."""
     if not records:
         return
-    import transfer_queue as tq
-    from verl.utils.tensordict_utils import list_of_dict_to_tensordict
-
     keys, fields, tags = zip(*records)
     await tq.async_kv_batch_put(keys=list(keys), fields=list_of_dict_to_tensordict(list(fields)), tags=list(tags),
                                 partition_id=partition_id)

@@ -14,7 +14,8 @@ Every PeRL run on verl's sync V1 trainer uses `PerlSyncTrainer` (perl.verl_glue.
   (`use_perl_server_manager`);
 - the step's batch carries the prompts PeRL's dynamic sampling over-dispatches (`_next_train_batch`);
 - the actor (and the reference policy) fetches a batch's tensor fields and the one non-tensor field
-  it reads, not the trajectories' bookkeeping (`actor_fields`; old log-probs 0.27 -> 0.19 s, update 0.42 -> 0.34 s a toy step).
+  it reads, not the trajectories' bookkeeping (`actor_fields`; a toy step's old log-probs
+  0.27 -> 0.19 s, its update 0.42 -> 0.34 s).
 
 T-SPMO (perl.algos.token_efficient) credits each (prefix, next token) pair of a group, so its
 advantage step needs the response token ids. verl 0.9.1's `PPOTrainer._compute_advantage` reads
