@@ -28,6 +28,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -52,19 +53,34 @@ E2E = [
 def run_perl(run_dir: str, *overrides: str, cache: str, timeout: int = 900, log_name: str = "run.log",
              kill_after_step: int | None = None) -> tuple[int, str]:
     """`python -m perl.verl_glue` as a user runs it; (return code, log). `kill_after_step`: SIGKILL the
-    whole process group as soon as that step's progress line appears (mid-way through the next)."""
+    whole run as soon as the trainer's metrics.jsonl holds that step (mid-way through the next)."""
     os.makedirs(run_dir, exist_ok=True)
     log_path = os.path.join(os.path.dirname(run_dir), f"{os.path.basename(run_dir)}.{log_name}")
     cmd = [sys.executable, "-m", "perl.verl_glue", "--config", TOY, f"trainer.default_local_dir={run_dir}", *overrides]
     env = dict(os.environ, PERL_CACHE=cache, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
-    return run_command(cmd, env, log_path, kill_on=f"[perl] step {kill_after_step}/" if kill_after_step else None,
-                       timeout=timeout)
+    kill_when = None
+    if kill_after_step:
+        # the trainer's own file, not the console's progress line: that one is the driver following
+        # metrics.jsonl every 0.5 s, and a toy step (~1 s) can end and checkpoint before it shows
+        def kill_when() -> bool:
+            return kill_after_step in steps_logged(run_dir)
+    return run_command(cmd, env, log_path, kill_when=kill_when, timeout=timeout)
+
+
+def steps_logged(run_dir: str) -> list[int]:
+    """The steps metrics.jsonl holds so far (a line being written is not counted)."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line)["step"] for line in f if line.endswith("\n")]
 
 
 def run_command(cmd: list[str], env: dict, log_path: str, kill_on: str | None = None,
-                timeout: int = 900) -> tuple[int, str]:
-    """Run `cmd` in its own session with its output in `log_path`; SIGKILL its whole process group
-    (the trainer, Ray and vLLM: like a machine going down) once `kill_on` is printed."""
+                kill_when: Callable[[], bool] | None = None, timeout: int = 900) -> tuple[int, str]:
+    """Run `cmd` in its own session with its output in `log_path`; SIGKILL every process of that session
+    (the trainer, Ray's daemons and workers, vLLM: like a machine going down) once `kill_on` is printed
+    or `kill_when()` holds, checked every 50 ms."""
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
         deadline = time.monotonic() + timeout
@@ -72,11 +88,13 @@ def run_command(cmd: list[str], env: dict, log_path: str, kill_on: str | None = 
             while proc.poll() is None:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{' '.join(cmd)} still running after {timeout} s")
-                if kill_on and kill_on in open(log_path).read():
-                    os.killpg(proc.pid, signal.SIGKILL)
+                if (kill_on and kill_on in open(log_path).read()) or (kill_when and kill_when()):
+                    # Ray starts each worker (the task runner, the actor) in a process group of its own,
+                    # so killing the run's group would leave them a moment to go on: the whole session
+                    _reap_session(proc.pid)
                     proc.wait()
                     break
-                time.sleep(0.5)
+                time.sleep(0.05)
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
