@@ -72,27 +72,26 @@ def verl_run(run_dir: str, steps: int, overrides: list[str]) -> dict:
     med = lambda key: statistics.median(r[key] for r in steady)  # noqa: E731
     step_s = med("timing_s/step")
     return {"step": step_s, **{p: med(f"timing_s/{p}") for p in PHASES if f"timing_s/{p}" in steady[0]},
+            "batch": _train_batch_size(run_dir),
             "first_step": rows[0]["timing_s/step"], "ready": seen[1] - step_s, "wall": wall, "steps": len(rows),
             "refilled": statistics.mean(r.get("training/filter_groups/refilled_prompts", 0) for r in steady),
             "over": statistics.mean(r.get("training/filter_groups/over_dispatched_prompts", 0) for r in steady)}
 
 
+def _train_batch_size(run_dir: str) -> int:
+    from omegaconf import OmegaConf
+
+    return int(OmegaConf.load(os.path.join(run_dir, "resolved_config.yaml")).data.train_batch_size)
+
+
 def direct_generation(config_path: str, out: str, repeats: int) -> None:
     """vLLM offline: the step's first batch of prompts x G, as verl's rollout asks for them (in a
     process started with the rollout server's environment: `rollout_env`)."""
-    import pandas as pd
     import torch
-    from omegaconf import OmegaConf
-    from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
 
-    cfg = OmegaConf.load(config_path)
+    cfg, prompts = run_prompts(config_path)
     arr, data = cfg.actor_rollout_ref, cfg.data
-    tok = AutoTokenizer.from_pretrained(arr.model.path)
-    files = data.train_files if isinstance(data.train_files, str) else list(data.train_files)[0]
-    rows = pd.read_parquet(files).head(int(data.train_batch_size))
-    prompts = [tok.apply_chat_template(list(p), add_generation_prompt=True, tokenize=True) for p in rows["prompt"]]
-    prompts = [list(p["input_ids"]) if hasattr(p, "keys") else list(p) for p in prompts]
     llm = LLM(model=arr.model.path, dtype="float32", enforce_eager=True, seed=0,
               max_model_len=int(data.max_prompt_length) + int(data.max_response_length),
               distributed_executor_backend="uni", enable_prefix_caching=True)
@@ -107,6 +106,62 @@ def direct_generation(config_path: str, out: str, repeats: int) -> None:
         times.append(time.perf_counter() - t)
     pairs = [(torch.tensor(o.prompt_token_ids), torch.tensor(c.token_ids)) for o in outputs for c in o.outputs]
     torch.save({"times": times, "pairs": pairs}, out)
+
+
+def run_prompts(config_path: str, count: int | None = None):
+    """(the run's config, the token ids of its first `count` training prompts, train_batch_size by
+    default) rendered with the chat template as verl's rollout renders them."""
+    import pandas as pd
+    from omegaconf import OmegaConf
+    from transformers import AutoTokenizer
+
+    cfg = OmegaConf.load(config_path)
+    data = cfg.data
+    tok = AutoTokenizer.from_pretrained(cfg.actor_rollout_ref.model.path)
+    files = data.train_files if isinstance(data.train_files, str) else list(data.train_files)[0]
+    rows = pd.read_parquet(files).head(int(count or data.train_batch_size))
+    prompts = [tok.apply_chat_template(list(p), add_generation_prompt=True, tokenize=True) for p in rows["prompt"]]
+    return cfg, [list(p["input_ids"]) if hasattr(p, "keys") else list(p) for p in prompts]
+
+
+def direct_async_generation(config_path: str, count: str, out: str, repeats: int) -> None:
+    """vLLM's `AsyncLLM` (the engine behind verl's rollout server, its core in a process of its own)
+    with one request per completion, all submitted at once, as the agent loop submits them; the
+    run's first `count` prompts x G. Where generation through verl stands against vLLM's own
+    serving path rather than its offline batch (a diagnostic row; the ratio uses `LLM`)."""
+    import asyncio
+
+    from vllm import SamplingParams
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    cfg, prompts = run_prompts(config_path, int(count))
+    arr, data = cfg.actor_rollout_ref, cfg.data
+    params = SamplingParams(n=1, temperature=float(arr.rollout.temperature), top_p=1.0,
+                            max_tokens=int(data.max_response_length), logprobs=0)
+
+    async def measure() -> list[float]:
+        engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
+            model=arr.model.path, dtype="float32", enforce_eager=True, seed=0, enable_prefix_caching=True,
+            max_model_len=int(data.max_prompt_length) + int(data.max_response_length)))
+
+        async def complete(request_id: str, prompt: list[int]) -> None:
+            async for _ in engine.generate({"prompt_token_ids": prompt}, params, request_id=request_id):
+                pass
+
+        times = []
+        try:
+            for rep in range(repeats + 1):  # the first is a warm-up
+                t = time.perf_counter()
+                await asyncio.gather(*[complete(f"{rep}-{i}-{k}", p) for i, p in enumerate(prompts)
+                                       for k in range(int(arr.rollout.n))])
+                times.append(time.perf_counter() - t)
+        finally:
+            engine.shutdown()
+        return times[1:]
+
+    with open(out, "w") as f:
+        json.dump({"times": asyncio.run(measure())}, f)
 
 
 def direct_engine(config_path: str, pairs_path: str, out: str, repeats: int) -> None:
@@ -167,12 +222,15 @@ def main() -> None:
     parser.add_argument("--no-docs", action="store_true", help="print only; leave docs/benchmarks.md alone")
     parser.add_argument("--direct-generation", nargs=2, metavar=("CONFIG", "OUT"), help=argparse.SUPPRESS)
     parser.add_argument("--direct-engine", nargs=3, metavar=("CONFIG", "PAIRS", "OUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--direct-async", nargs=3, metavar=("CONFIG", "COUNT", "OUT"), help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="key=value overrides for the verl run")
     args = parser.parse_args()
     if args.direct_generation:
         return direct_generation(*args.direct_generation, args.repeats)
     if args.direct_engine:
         return direct_engine(*args.direct_engine, args.repeats)
+    if args.direct_async:
+        return direct_async_generation(*args.direct_async, args.repeats)
 
     work = tempfile.mkdtemp(prefix="perl-toy-step-")
     run_dir = os.path.join(work, "run")
@@ -185,6 +243,15 @@ def main() -> None:
     print("[toy_step] direct: PeRL's engine without Ray (old log-probs, update)", flush=True)
     child(["--repeats", str(args.repeats), "--direct-engine", config, os.path.join(work, "gen.pt"),
            os.path.join(work, "engine.json")], "engine")
+    # diagnostics: vLLM's serving engine on the first batch, then on as many prompts as verl dispatched
+    batch = int(verl["batch"])
+    dispatched = round(batch + verl["over"] + verl["refilled"])
+    served = {}
+    for count in sorted({batch, dispatched}):
+        print(f"[toy_step] direct: vLLM's AsyncLLM, {count} prompts x G, one request per completion", flush=True)
+        out = os.path.join(work, f"async_{count}.json")
+        child(["--repeats", str(args.repeats), "--direct-async", config, str(count), out], "serving", rollout_env())
+        served[count] = statistics.median(json.load(open(out))["times"])
     import torch
 
     gen = statistics.median(torch.load(os.path.join(work, "gen.pt"))["times"])
@@ -197,6 +264,10 @@ def main() -> None:
              "|---|---|---|---|"]
     for phase in ["gen", "old_log_prob", "update_actor"]:
         table.append(f"| {phase} | {verl[phase]:.2f} s | {direct[phase]:.2f} s | {verl[phase] / direct[phase]:.1f}x |")
+    for count, seconds in served.items():
+        which = "the same requests" if count == batch else "as many prompts as verl dispatched"
+        table.append(f"| gen, vLLM's `AsyncLLM` ({which}: {count} x G) | - | {seconds:.2f} s | "
+                     f"verl's gen {verl['gen'] / seconds:.1f}x |")
     other = verl["step"] - sum(verl[p] for p in ["gen", "old_log_prob", "update_actor"])
     table.append(f"| the rest (weight sync {verl.get('update_weights', 0):.2f} s, advantages, metrics) | {other:.2f} s | - | - |")
     table.append(f"| **step** | **{verl['step']:.2f} s** | **{direct['step']:.2f} s** | **{ratio:.2f}x** |")
@@ -209,7 +280,10 @@ def main() -> None:
              f"dynamic sampling sent {verl['over']:.1f} prompts with each batch and refilled {verl['refilled']:.1f} "
              "per step on average (perl.over_dispatch). Generation "
              "directly: vLLM's offline `LLM`, the same prompts x G, sampling and lengths; the engine directly: "
-             "PeRL's FSDP engine without Ray on those completions. One run on a shared 2-core machine.", "", last]
+             "PeRL's FSDP engine without Ray on those completions. The `AsyncLLM` rows (not in the ratio) are "
+             "vLLM's serving engine, the one behind verl's rollout server, given one request per completion "
+             "all at once: generation through verl against vLLM's own serving path, on the first batch and on "
+             "as many prompts as dynamic sampling dispatched. One run on a shared 2-core machine.", "", last]
     print("\n".join(table))
     if not args.no_docs:
         write_section("toy_step", lines)
