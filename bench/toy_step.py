@@ -10,6 +10,9 @@
    x G, the same sampling, length and log-prob settings and the same in-process executor), then
    PeRL's FSDP engine without Ray (tests/support/engine_harness.py) computing the old log-probs of
    those completions and running the actor update (the same mini-batches and micro-batches).
+3. **vLLM's serving engine** (diagnostic rows, not in the ratio): `AsyncLLM`, the engine behind
+   verl's rollout server, one request per completion all at once, on the first batch and on as many
+   prompts as dynamic sampling dispatched: generation through verl against vLLM's own serving path.
 
 Writes a table into docs/benchmarks.md (section "toy_step") and prints, as its last line:
 `toy step: verl X.XX s, direct Y.YY s, ratio R.RR; ready after S s`.
