@@ -351,3 +351,92 @@ def test_a_trajectory_outside_a_group_is_put_at_once(cfg, monkeypatch):
 
     asyncio.run(one())
     assert [c[0] for c in recorder.calls] == ["trajectories"] and recorder.calls[0][1] == ["u1_0_0"]
+
+
+def test_the_rollout_server_starts_early_and_verl_takes_it_only_with_the_options_it_asks_for(cfg, monkeypatch, capsys):
+    """perl.verl_glue.rollout_server: on the CPU profile, one node and one replica, the server's
+    process starts empty with the options verl's `launch_servers` will ask for (contract test); verl's
+    `.options(...).remote(...)` then gets that process, initialised with verl's keywords, or, when it
+    asks for other options, its own server after the early one is killed. Ray is replaced by recorders
+    here; the end-to-end tests run it for real and check the trainer's log."""
+    import ray
+    from omegaconf import OmegaConf
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from perl.verl_glue import rollout_server as rs
+
+    node = "cd" * 28
+
+    class Context:
+        def get_node_id(self):
+            return node
+
+    monkeypatch.setattr(ray, "get_runtime_context", Context)
+    for change in ({"trainer": {"device": "cuda"}}, {"trainer": {"nnodes": 2}},
+                   {"actor_rollout_ref": {"rollout": {"name": "sglang"}}},
+                   {"trainer": {"n_gpus_per_node": 2}}):  # two replicas
+        assert rs.early_server_options(OmegaConf.merge(cfg, change)) is None, change
+    options = rs.early_server_options(cfg)
+    assert options["name"] == "vllm_server_0_0" and options["node_id"] == node
+    assert options["max_concurrency"] == max(1000, int(cfg.actor_rollout_ref.rollout.max_num_seqs) + 16)
+    assert options["runtime_env"]["env_vars"]["VLLM_CPU_KVCACHE_SPACE"]  # the CPU platform's environment
+
+    created, started, killed, made_by_verl = [], [], [], []
+
+    class Early:
+        def __init__(self, ray_options):
+            self.ray_options, self.start = ray_options, self
+
+        def remote(self, **kwargs):
+            started.append(kwargs)
+            return "start-ref"
+
+    class EarlyFactory:
+        def __init__(self, ray_options):
+            self.ray_options = ray_options
+
+        def remote(self, *args, **kwargs):
+            assert not args and not kwargs  # empty: verl's keywords come with `start`
+            created.append(Early(self.ray_options))
+            return created[-1]
+
+    class VerlFactory:
+        def options(self, **ray_options):
+            self.ray_options = ray_options
+            return self
+
+        def remote(self, **kwargs):
+            made_by_verl.append((self.ray_options, kwargs))
+            return "verl's server"
+
+    monkeypatch.setattr(rs.PerlvLLMHttpServer, "options", lambda **o: EarlyFactory(o))
+    monkeypatch.setattr(ray, "get", lambda ref: ref)
+    monkeypatch.setattr(ray, "kill", killed.append)
+
+    def no_such_actor(name):
+        raise ValueError(name)
+
+    monkeypatch.setattr(ray, "get_actor", no_such_actor)
+    monkeypatch.setattr(rs, "_EARLY", {})
+    asked = {"name": "vllm_server_0_0", "runtime_env": options["runtime_env"],
+             "scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=node, soft=False),
+             "max_concurrency": options["max_concurrency"]}  # what verl's launch_servers passes
+
+    assert rs.start_server_early(cfg) is True and rs.early_server_started() and len(created) == 1
+    assert rs.start_server_early(cfg) is False and len(created) == 1  # once per process
+    assert created[0].ray_options["name"] == "vllm_server_0_0"
+    assert rs._options_of(created[0].ray_options) == options  # started with what verl will ask for
+    server = rs.EarlyServerClass(VerlFactory()).options(**asked).remote(config="c", replica_rank=0)
+    assert server is created[0] and started == [{"config": "c", "replica_rank": 0}] and not made_by_verl
+    assert not rs.early_server_started() and not killed
+
+    # verl asks with another concurrency: the early process is killed and verl's own server starts
+    monkeypatch.setattr(rs, "_EARLY", {})
+    rs.start_server_early(cfg)
+    other = {**asked, "max_concurrency": asked["max_concurrency"] + 1}
+    server = rs.EarlyServerClass(VerlFactory()).options(**other).remote(config="c")
+    assert server == "verl's server" and made_by_verl == [(other, {"config": "c"})] and killed == [created[-1]]
+    assert "verl's own server starts instead" in capsys.readouterr().out
+    # and a soft placement is not the hard one PeRL started it with
+    soft = {**asked, "scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=node, soft=True)}
+    assert rs._options_of(soft) is None

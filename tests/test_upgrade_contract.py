@@ -596,3 +596,32 @@ def test_the_actor_fetches_the_fields_its_batch_names():
     assert reads <= {"use_remove_padding", "pad_mode", "use_fused_kernels", "distillation_use_topk", "pad_token_id",
                      "distillation_only", "calculate_entropy", "return_model_output", "max_response_len",
                      "temperature"}, reads
+
+
+def test_the_rollout_server_perl_starts_early_is_the_one_verl_would_start():
+    """perl.verl_glue.rollout_server (patches/README.md #12): verl 0.9.1's `vLLMReplica.launch_servers`
+    creates the server through `self.server_class.options(...)` with the name, environment, node and
+    concurrency `early_server_options` predicts, and its `__init__` keywords are what `start` passes
+    on; the manager reads `rollout_replica_class`; `_setup` builds the resource pools (where PeRL
+    starts the server) before the actor's `init_model`, and the server manager after it."""
+    import hashlib
+    import inspect
+
+    from verl.trainer.ppo.v1.trainer_base import PPOTrainer
+    from verl.workers.rollout.llm_server import LLMServerManager
+    from verl.workers.rollout.replica import RolloutReplica
+    from verl.workers.rollout.vllm_rollout.vllm_async_server import vLLMHttpServer, vLLMReplica
+
+    launch = inspect.getsource(vLLMReplica.launch_servers)
+    assert hashlib.sha256(launch.encode()).hexdigest()[:16] == "a4c215d901ebaae3", "vLLMReplica.launch_servers moved"
+    assert vLLMReplica._get_server_name_prefix(None) == "vllm_"
+    assert "return max(1000, self.config.max_num_seqs + CONTROL_METHOD_CONCURRENCY)" in inspect.getsource(
+        RolloutReplica.max_concurrency.fget)
+    assert "self.server_class = ray.remote(vLLMHttpServer)" in inspect.getsource(vLLMReplica.__init__)
+    assert 'if not hasattr(self, "rollout_replica_class"):' in inspect.getsource(LLMServerManager.__init__)
+    assert list(inspect.signature(vLLMHttpServer.__init__).parameters)[:10] == [
+        "self", "config", "model_config", "rollout_mode", "workers", "replica_rank", "node_rank",
+        "gpus_per_node", "nnodes", "cuda_visible_devices"]
+    setup = inspect.getsource(PPOTrainer._setup)
+    assert (setup.index("self._init_resource_pool_mgr()") < setup.index("self.actor_rollout_wg.init_model()")
+            < setup.index("LLMServerManager.create("))

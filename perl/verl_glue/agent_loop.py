@@ -335,7 +335,16 @@ class PerlLLMServerManager(LLMServerManager):
       process, ~7 s of CPU at start-up on the 2-core box: Ray imports verl's vLLM server module in it
       to unpickle the server handles). Any other use (`global_load_balancer`, a `get_client` for
       verl's own client) starts it as verl would have, with the same arguments;
-    - as the servers start, so do the agent-loop workers' processes (`start_workers_early`)."""
+    - as the servers start, so do the agent-loop workers' processes (`start_workers_early`);
+    - where PeRL started the rollout server's process before the actor (`rollout_server.py`), its
+      replica class takes that process (verl reads `rollout_replica_class` "for recipe to change")."""
+
+    def __init__(self, *args, **kwargs):
+        from perl.verl_glue.rollout_server import PerlvLLMReplica, early_server_started
+
+        if early_server_started():
+            self.rollout_replica_class = PerlvLLMReplica
+        super().__init__(*args, **kwargs)
 
     async def _initialize_llm_servers(self, *args, **kwargs):
         start_workers_early(self.config)

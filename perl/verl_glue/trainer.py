@@ -100,6 +100,15 @@ class PerlSyncTrainer(PPOTrainerSync):
         return manager.get_client(client_cls=OneServerClient,
                                   server=(manager.server_addresses[0], manager.server_handles[0]))
 
+    def _init_resource_pool_mgr(self):
+        """verl's, then the rollout server's process started (on the CPU profile), so that its
+        imports run while the actor's process starts (perl.verl_glue.rollout_server)."""
+        super()._init_resource_pool_mgr()
+        from perl.verl_glue.rollout_server import start_server_early
+
+        if start_server_early(self.config):
+            print("[perl] rollout server's process started beside the actor's", flush=True)
+
     def fit(self, agent_loop_manager):
         run_dir = os.path.abspath(str(self.config.trainer.default_local_dir))
         os.environ.setdefault("TENSORBOARD_DIR", os.path.join(run_dir, "tensorboard"))
