@@ -409,7 +409,9 @@ def test_the_rollout_server_starts_early_and_verl_takes_it_only_with_the_options
             made_by_verl.append((self.ray_options, kwargs))
             return "verl's server"
 
-    monkeypatch.setattr(rs.PerlvLLMHttpServer, "options", lambda **o: EarlyFactory(o))
+    from perl.verl_glue.rollout_server_vllm import PerlvLLMHttpServer
+
+    monkeypatch.setattr(PerlvLLMHttpServer, "options", lambda **o: EarlyFactory(o))
     monkeypatch.setattr(ray, "get", lambda ref: ref)
     monkeypatch.setattr(ray, "kill", killed.append)
 

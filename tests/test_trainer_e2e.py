@@ -62,18 +62,11 @@ def run_perl(run_dir: str, *overrides: str, cache: str, timeout: int = 900, log_
     if kill_after_step:
         # the trainer's own file, not the console's progress line: that one is the driver following
         # metrics.jsonl every 0.5 s, and a toy step (~1 s) can end and checkpoint before it shows
+        from perl.verl_glue.run_dir import read_metrics  # skips a line being written
+
         def kill_when() -> bool:
-            return kill_after_step in steps_logged(run_dir)
+            return any(row["step"] == kill_after_step for row in read_metrics(run_dir))
     return run_command(cmd, env, log_path, kill_when=kill_when, timeout=timeout)
-
-
-def steps_logged(run_dir: str) -> list[int]:
-    """The steps metrics.jsonl holds so far (a line being written is not counted)."""
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line)["step"] for line in f if line.endswith("\n")]
 
 
 def run_command(cmd: list[str], env: dict, log_path: str, kill_on: str | None = None,

@@ -340,9 +340,11 @@ class PerlLLMServerManager(LLMServerManager):
       replica class takes that process (verl reads `rollout_replica_class` "for recipe to change")."""
 
     def __init__(self, *args, **kwargs):
-        from perl.verl_glue.rollout_server import PerlvLLMReplica, early_server_started
+        from perl.verl_glue.rollout_server import early_server_started
 
         if early_server_started():
+            from perl.verl_glue.rollout_server_vllm import PerlvLLMReplica
+
             self.rollout_replica_class = PerlvLLMReplica
         super().__init__(*args, **kwargs)
 

@@ -14,7 +14,9 @@ Only where it is safe to predict the server's options: the CPU profile (`trainer
 node, one vLLM replica, no disaggregation. If verl asks for other options than those the early
 process got (another name, environment, placement, concurrency), the early process is killed and
 verl's server is created as verl would have (a start-up cost, not a behaviour change).
-patches/README.md #12; the contract test pins the options' recipe.
+patches/README.md #12; the contract test pins the options' recipe. The server and replica classes,
+which import vLLM, are in `rollout_server_vllm.py`, imported only where the server starts early (a
+run with sglang or trtllm may have no vLLM installed).
 """
 
 from __future__ import annotations
@@ -26,24 +28,9 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from verl.plugin.platform import get_platform
 from verl.workers.rollout.replica import CONTROL_METHOD_CONCURRENCY
-from verl.workers.rollout.vllm_rollout.vllm_async_server import vLLMHttpServer, vLLMReplica
 
 # the one early server process, until `EarlyServerClass` hands it out: {"handle", "options"}
 _EARLY: dict[str, Any] = {}
-
-
-class _PerlvLLMHttpServer(vLLMHttpServer):
-    def __init__(self, *args, **kwargs):
-        """With verl's arguments, verl's server. Without any (`start_server_early`): a process
-        that has imported the server's modules, until `start` runs the same initialisation."""
-        if args or kwargs:
-            super().__init__(*args, **kwargs)
-
-    def start(self, **kwargs) -> None:
-        vLLMHttpServer.__init__(self, **kwargs)
-
-
-PerlvLLMHttpServer = ray.remote(_PerlvLLMHttpServer)
 
 
 def early_server_options(config) -> dict[str, Any] | None:
@@ -72,6 +59,8 @@ def start_server_early(config) -> bool:
     options = early_server_options(config)
     if options is None:
         return False
+    from perl.verl_glue.rollout_server_vllm import PerlvLLMHttpServer
+
     _EARLY["options"] = options
     _EARLY["handle"] = PerlvLLMHttpServer.options(**_ray_options(options)).remote()
     return True
@@ -141,12 +130,3 @@ class EarlyServerClass:
                 return early
 
         return _Launch()
-
-
-class PerlvLLMReplica(vLLMReplica):
-    """verl's vLLM replica whose server is PeRL's (verl's server, which can also start empty and be
-    initialised later), taken from `start_server_early` when there is one."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.server_class = EarlyServerClass(PerlvLLMHttpServer)
