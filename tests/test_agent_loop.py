@@ -409,7 +409,7 @@ def test_the_rollout_server_starts_early_and_verl_takes_it_only_with_the_options
             made_by_verl.append((self.ray_options, kwargs))
             return "verl's server"
 
-    from perl.verl_glue.rollout_server_vllm import PerlvLLMHttpServer
+    from perl.verl_glue.rollout_server_vllm import PerlvLLMHttpServer, start_server_early
 
     monkeypatch.setattr(PerlvLLMHttpServer, "options", lambda **o: EarlyFactory(o))
     monkeypatch.setattr(ray, "get", lambda ref: ref)
@@ -424,8 +424,8 @@ def test_the_rollout_server_starts_early_and_verl_takes_it_only_with_the_options
              "scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=node, soft=False),
              "max_concurrency": options["max_concurrency"]}  # what verl's launch_servers passes
 
-    assert rs.start_server_early(cfg) is True and rs.early_server_started() and len(created) == 1
-    assert rs.start_server_early(cfg) is False and len(created) == 1  # once per process
+    assert start_server_early(options) is True and rs.early_server_started() and len(created) == 1
+    assert start_server_early(options) is False and len(created) == 1  # once per process
     assert created[0].ray_options["name"] == "vllm_server_0_0"
     assert rs._options_of(created[0].ray_options) == options  # started with what verl will ask for
     server = rs.EarlyServerClass(VerlFactory()).options(**asked).remote(config="c", replica_rank=0)
@@ -434,7 +434,7 @@ def test_the_rollout_server_starts_early_and_verl_takes_it_only_with_the_options
 
     # verl asks with another concurrency: the early process is killed and verl's own server starts
     monkeypatch.setattr(rs, "_EARLY", {})
-    rs.start_server_early(cfg)
+    start_server_early(options)
     other = {**asked, "max_concurrency": asked["max_concurrency"] + 1}
     server = rs.EarlyServerClass(VerlFactory()).options(**other).remote(config="c")
     assert server == "verl's server" and made_by_verl == [(other, {"config": "c"})] and killed == [created[-1]]

@@ -268,7 +268,7 @@ def assert_quiet_console(run_dir: str, log: str, steps: int) -> None:
     assert "requests go to it without verl's load balancer" in train_log  # OneServerClient
     assert "[perl] 2 agent-loop worker(s), started with the rollout servers" in train_log  # start_workers_early
     assert "[perl] TransferQueue started beside verl's task runner" in train_log  # entry.start_transfer_queue_early
-    # rollout_server.start_server_early, and verl took that process (no fallback to its own)
+    # rollout_server_vllm.start_server_early, and verl took that process (no fallback to its own)
     assert "[perl] rollout server's process started beside the actor's" in train_log
     assert "verl's own server starts instead" not in train_log
     resolved = OmegaConf.load(os.path.join(run_dir, "resolved_config.yaml"))

@@ -14,9 +14,9 @@ Only where it is safe to predict the server's options: the CPU profile (`trainer
 node, one vLLM replica, no disaggregation. If verl asks for other options than those the early
 process got (another name, environment, placement, concurrency), the early process is killed and
 verl's server is created as verl would have (a start-up cost, not a behaviour change).
-patches/README.md #12; the contract test pins the options' recipe. The server and replica classes,
-which import vLLM, are in `rollout_server_vllm.py`, imported only where the server starts early (a
-run with sglang or trtllm may have no vLLM installed).
+patches/README.md #12; the contract test pins the options' recipe. The server and replica classes and
+`start_server_early`, which import vLLM, are in `rollout_server_vllm.py`, imported only where the
+server starts early (a run with sglang or trtllm may have no vLLM installed).
 """
 
 from __future__ import annotations
@@ -49,21 +49,6 @@ def early_server_options(config) -> dict[str, Any] | None:
     return {"name": "vllm_server_0_0", "runtime_env": {"env_vars": env_vars},
             "node_id": ray.get_runtime_context().get_node_id(),
             "max_concurrency": max(1000, int(rollout.max_num_seqs) + CONTROL_METHOD_CONCURRENCY)}
-
-
-def start_server_early(config) -> bool:
-    """Start the rollout server's process now, empty (see the module's docstring); once per process.
-    Returns whether it started one."""
-    if _EARLY:
-        return False
-    options = early_server_options(config)
-    if options is None:
-        return False
-    from perl.verl_glue.rollout_server_vllm import PerlvLLMHttpServer
-
-    _EARLY["options"] = options
-    _EARLY["handle"] = PerlvLLMHttpServer.options(**_ray_options(options)).remote()
-    return True
 
 
 def early_server_started() -> bool:

@@ -7,7 +7,8 @@ from __future__ import annotations
 import ray
 from verl.workers.rollout.vllm_rollout.vllm_async_server import vLLMHttpServer, vLLMReplica
 
-from perl.verl_glue.rollout_server import EarlyServerClass
+from perl.verl_glue import rollout_server
+from perl.verl_glue.rollout_server import EarlyServerClass, _ray_options
 
 
 class _PerlvLLMHttpServer(vLLMHttpServer):
@@ -22,6 +23,16 @@ class _PerlvLLMHttpServer(vLLMHttpServer):
 
 
 PerlvLLMHttpServer = ray.remote(_PerlvLLMHttpServer)
+
+
+def start_server_early(options: dict) -> bool:
+    """Start the rollout server's process now, empty, with `options` (`early_server_options`); once
+    per process. Returns whether it started one."""
+    if rollout_server._EARLY:
+        return False
+    rollout_server._EARLY["options"] = options
+    rollout_server._EARLY["handle"] = PerlvLLMHttpServer.options(**_ray_options(options)).remote()
+    return True
 
 
 class PerlvLLMReplica(vLLMReplica):

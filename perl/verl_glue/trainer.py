@@ -104,9 +104,14 @@ class PerlSyncTrainer(PPOTrainerSync):
         """verl's, then the rollout server's process started (on the CPU profile), so that its
         imports run while the actor's process starts (perl.verl_glue.rollout_server)."""
         super()._init_resource_pool_mgr()
-        from perl.verl_glue.rollout_server import start_server_early
+        from perl.verl_glue.rollout_server import early_server_options
 
-        if start_server_early(self.config):
+        options = early_server_options(self.config)
+        if options is None:  # not the CPU profile's one server: vLLM's classes are not even imported
+            return
+        from perl.verl_glue.rollout_server_vllm import start_server_early
+
+        if start_server_early(options):
             print("[perl] rollout server's process started beside the actor's", flush=True)
 
     def fit(self, agent_loop_manager):
