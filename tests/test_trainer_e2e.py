@@ -351,19 +351,28 @@ GPU_DEFAULTS = ["actor_rollout_ref.model.enable_gradient_checkpointing=true",
 
 def test_full_fine_tuning_trains_every_weight_under_verls_gpu_defaults(tmp_path, toy_cache):
     """Full fine-tuning (the run that needs gradient checkpointing and bf16 the most) through verl's
-    trainer with both on: it trains every weight, and vLLM generated step 3 with the weights of
-    checkpoint 2."""
+    trainer with both on, and the paper's batch (one optimizer step per trainer step, as the GPU
+    recipes): it trains every weight, vLLM generated step 3 with the weights of checkpoint 2, and the
+    old log-probs came from the update's own forward (perl.verl_glue.on_policy) with the metrics of
+    verl's skipped pass taken from it."""
     from safetensors.torch import load_file
 
     run = str(tmp_path / "full")
     rc, log = run_perl(run, "peft.name=full", *E2E, "actor_rollout_ref.actor.optim.lr=1e-3", *GPU_DEFAULTS,
-                       cache=toy_cache)
+                       "actor_rollout_ref.actor.ppo_mini_batch_size=4", cache=toy_cache)
     assert_ok(rc, log)
     resolved = open(os.path.join(run, "resolved_config.yaml")).read()
     assert "enable_gradient_checkpointing: true" in resolved and "param_dtype: bf16" in resolved
     assert_checkpoint(run, 3, "full")
     rows = metrics(run)
     assert all(math.isfinite(r["actor/pg_loss"]) for r in rows)
+    train_log = open(os.path.join(run, "logs", "train.log")).read()
+    assert "[perl] old log-probs: the update's own forward (one optimizer step per trainer step" in train_log
+    # the ratio is exactly 1 (old = the forward's own log-probs): verl's separate bf16 pass would put
+    # ~1e-3 of rounding between the two forwards, in ppo_kl and now and then in a clipped token
+    assert all(r["actor/ppo_kl"] == 0.0 and r["actor/pg_clipfrac"] == 0.0 for r in rows), rows
+    assert all(0.0 < r["actor/entropy"] < 10.0 for r in rows), rows  # from the update's forward
+    assert all("old_log_probs" not in torch.load(os.path.join(run, "rollouts", f"step_{s}.pt")) for s in (1, 3))
     # the actor really computed in bf16: its log-probs differ from vLLM's fp32 ones by ~1e-3 in
     # probability (measured 1.5e-3 - 2.7e-3), where an fp32 actor agrees to ~3e-7
     assert all(r["training/rollout_probs_diff_mean"] > 1e-4 for r in rows), rows

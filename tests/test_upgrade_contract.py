@@ -625,3 +625,34 @@ def test_the_rollout_server_perl_starts_early_is_the_one_verl_would_start():
     setup = inspect.getsource(PPOTrainer._setup)
     assert (setup.index("self._init_resource_pool_mgr()") < setup.index("self.actor_rollout_wg.init_model()")
             < setup.index("LLMServerManager.create("))
+
+
+def test_the_old_log_prob_pass_perl_skips_is_the_one_verl_runs_and_its_metrics_are_the_ones_rebuilt():
+    """perl.verl_glue.on_policy (patches/README.md #13): verl 0.9.1's V1 step computes the old log-probs
+    in `_compute_old_log_prob` before `_update_actor` (these hashes), reports `actor/entropy` and
+    `calculate_debug_metrics` from it (the keys PeRL rebuilds from the update), and its `_update_actor`
+    adds to the batch's extra info (keeping PeRL's flag); `ppo_loss` reads old_log_probs from the
+    micro-batch and reports the entropy's global aggregate as `actor/entropy_loss`; the engine's packed
+    path computes entropy through `self.compute_entropy_from_logits`, its padded path with
+    `verl_F.entropy_from_logits`."""
+    import hashlib
+    import inspect
+    import re
+
+    from verl.trainer.ppo.v1.trainer_base import PPOTrainer
+    from verl.utils.debug.metrics import calculate_debug_metrics
+
+    digests = {PPOTrainer._compute_old_log_prob: "b2630e6178ed99f7", PPOTrainer._update_actor: "d7009bd8a69d40b9",
+               PPOTrainer._step_once: "efdd4abe161c6dee"}
+    for function, digest in digests.items():
+        got = hashlib.sha256(inspect.getsource(function).encode()).hexdigest()[:16]
+        assert got == digest, f"verl's {function.__qualname__} changed: recheck perl.verl_glue.on_policy"
+    keys = set(re.findall(r'"(training/[a-z_]+)"', inspect.getsource(calculate_debug_metrics)))
+    assert keys == {"training/rollout_probs_diff_valid", "training/rollout_probs_diff_max",
+                    "training/rollout_probs_diff_mean", "training/rollout_probs_diff_std",
+                    "training/rollout_actor_probs_pearson_corr"}, keys
+    losses = _source("verl.workers.utils.losses")
+    assert 'fields = ["response_mask", "old_log_probs", "advantages"]' in losses
+    assert 'metrics["actor/entropy_loss"] = Metric(value=entropy_loss, aggregation=metric_aggregation)' in losses
+    engine = _source("verl.workers.engine.fsdp.transformer_impl")
+    assert engine.count("self.compute_entropy_from_logits(") == 2 and "entropy = verl_F.entropy_from_logits(logits)" in engine

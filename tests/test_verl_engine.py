@@ -59,6 +59,15 @@ def test_engine_builds_steps_syncs_and_refs_every_method_under_fsdp2(dist_run):
     assert out.count("ok engine tiny-") == 15 and "ok engine sgrpo" in out
 
 
+def test_old_log_probs_from_the_updates_own_forward_train_like_verls_separate_pass(dist_run):
+    """tests/dist/verl_engine.py `check_old_log_probs_from_update` (perl.verl_glue.on_policy): with one
+    optimizer step per trainer step, the update flagged by PeRL's trainer, with no old log-probs in its
+    batch, gives the weights of verl's way (a separate log-prob pass first) within 1e-6, a ratio of
+    exactly 1, and the pass's metrics (entropy, rollout-vs-actor) equal to verl's own over both ranks."""
+    out = _report(dist_run, "VERL_ENGINE_OK 15")
+    assert "ok engine old log-probs from the update" in out
+
+
 def test_tinylora_tied_vector_is_summed_over_units_and_ranks_and_stepped_once(dist_run):
     """tests/dist/verl_engine.py `check_tied_gradient`: TinyLoRA's one vector, used in every decoder
     layer's FSDP2 unit, under PerlFSDPEngine on 2 ranks with different batches: its gradient equals

@@ -47,7 +47,9 @@ from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
 
 from perl.methods import AdaptedPolicy, MethodSpec, adapt, get_method
 from perl.methods.base import Method, canonical_name
+from perl.verl_glue.on_policy import FROM_UPDATE, on_policy_loss
 from perl.verl_glue.run_dir import ADAPTER_DIR, STATE_FILE
+from verl.utils import tensordict_utils as tu
 
 logger = logging.getLogger(__name__)
 
@@ -319,7 +321,8 @@ class PerlFSDPEngine(FSDPEngineWithLMHead):
         stats: dict[str, float] = {}
         if not forward_only and self.sgrpo is not None:
             data, stats = self.cut_to_sgrpo_subset(data)
-        output = super().forward_backward_batch(data, loss_function, forward_only=forward_only)
+        with self._old_log_probs_from_this_forward(data, loss_function, forward_only) as loss_function:
+            output = super().forward_backward_batch(data, loss_function, forward_only=forward_only)
         if not forward_only and self._has_extra_loss():
             extra = self.extra_loss_backward()
             if extra is not None:
@@ -327,6 +330,29 @@ class PerlFSDPEngine(FSDPEngineWithLMHead):
         if stats and isinstance(output, dict) and isinstance(output.get("metrics"), dict):
             output["metrics"].update({k: [v] for k, v in stats.items()})  # verl's metrics are per-micro-batch lists
         return output
+
+    @contextmanager
+    def _old_log_probs_from_this_forward(self, data, loss_function, forward_only: bool):
+        """Where PeRL's trainer asks for it (perl.verl_glue.on_policy), verl's loss with the old
+        log-probs taken from this forward, and the entropy computed for the step's metric, without a
+        gradient unless the loss has it (the packed path's entropy function runs under no_grad; the
+        padded path's is detached before the loss). Otherwise verl's loss, unchanged."""
+        if forward_only or not tu.get_non_tensor_data(data=data, key=FROM_UPDATE, default=False):
+            yield loss_function
+            return
+        entropy_in_loss = bool(tu.get_non_tensor_data(data=data, key="calculate_entropy", default=False))
+        tu.assign_non_tensor(data, calculate_entropy=True)
+        compute = self.compute_entropy_from_logits
+        if not entropy_in_loss:
+            def entropy_without_gradient(*args, **kwargs):
+                with torch.no_grad():
+                    return compute(*args, **kwargs)
+
+            self.compute_entropy_from_logits = entropy_without_gradient
+        try:
+            yield on_policy_loss(loss_function, entropy_in_loss=entropy_in_loss)
+        finally:
+            self.compute_entropy_from_logits = compute
 
     # ----- S-GRPO: the forward only where the loss is (perl.verl_glue.token_subset) ---------------
     def cut_to_sgrpo_subset(self, data):

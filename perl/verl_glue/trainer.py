@@ -140,8 +140,25 @@ class PerlSyncTrainer(PPOTrainerSync):
                 num_prompts = int(self.config.data.train_batch_size) + extra
         return super()._next_train_batch(num_prompts)
 
+    @property
+    def old_log_probs_from_update(self) -> bool:
+        """Whether the update's own forward gives the old log-probs (perl.verl_glue.on_policy), decided
+        once from the config and said on the console."""
+        decided = getattr(self, "_old_log_probs_source", None)
+        if decided is None:
+            from perl.verl_glue.on_policy import old_log_probs_source
+
+            decided = self._old_log_probs_source = old_log_probs_source(self.config)
+            source, why = decided
+            where = "the update's own forward" if source == "update" else "verl's separate pass"
+            print(f"[perl] old log-probs: {where} ({why})", flush=True)
+        return decided[0] == "update"
+
     def _compute_old_log_prob(self, batch, metrics: dict):
-        """verl's, with the actor fetching only what it reads (`actor_fields`)."""
+        """verl's, with the actor fetching only what it reads (`actor_fields`); nothing where the
+        update's own forward gives the old log-probs (perl.verl_glue.on_policy)."""
+        if self.old_log_probs_from_update:
+            return batch
         with actor_fields(batch, multimodal=self.processor is not None):
             return super()._compute_old_log_prob(batch, metrics)
 
@@ -151,9 +168,23 @@ class PerlSyncTrainer(PPOTrainerSync):
             return super()._compute_ref_log_prob(batch, metrics)
 
     def _update_actor(self, batch, metrics: dict):
-        """verl's, with the actor fetching only what it reads (`actor_fields`)."""
+        """verl's, with the actor fetching only what it reads (`actor_fields`); where the update's
+        forward gives the old log-probs, it is asked to (PeRL's engine reads the flag) and the metrics
+        verl's pass would have given come from it (perl.verl_glue.on_policy)."""
+        from_update = self.old_log_probs_from_update
+        if from_update:
+            from perl.verl_glue.on_policy import FROM_UPDATE
+
+            batch.extra_info[FROM_UPDATE] = True
         with actor_fields(batch, multimodal=self.processor is not None):
-            return super()._update_actor(batch, metrics)
+            batch = super()._update_actor(batch, metrics)
+        if from_update:
+            from perl.verl_glue.on_policy import update_metrics
+
+            actor = self.config.actor_rollout_ref.actor
+            update_metrics(metrics, entropy_in_loss=bool(actor.calculate_entropy or actor.entropy_coeff != 0.0),
+                           offpolicy=self.config.algorithm.get("rollout_correction") is not None)
+        return batch
 
     def _record_collapse(self, run_dir: str, error: Exception) -> None:
         """Training collapsed: step `global_steps` found (almost) no group whose rollouts differ in
@@ -198,14 +229,17 @@ class PerlSyncTrainer(PPOTrainerSync):
 
     def _dump_rollout_tokens(self, batch, step: int) -> None:
         """`<run dir>/rollouts/step_N.pt`: the step's training batch as token ids with the rollout
-        engine's and the actor's log-probs (verl's `rollout_data_dir` keeps decoded text only), so a
+        engine's and (where verl's pass computed them) the actor's log-probs (verl's `rollout_data_dir`
+        keeps decoded text only), so a
         rollout can be checked offline against any model, e.g. PeRL's merged export of the
         checkpoint whose weights vLLM generated it with (step N-1)."""
         import torch
 
         from perl.io import atomic_file
 
-        fields = ["prompts", "responses", "response_mask", "rollout_log_probs", "old_log_probs", "rm_scores"]
+        fields = ["prompts", "responses", "response_mask", "rollout_log_probs", "rm_scores"]
+        if not self.old_log_probs_from_update:  # else the actor's log-probs are the update's, not stored
+            fields.append("old_log_probs")
         data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
         record = {"step": int(step), "keys": list(batch.keys),  # verl's "{prompt}_{rollout}_{output}" keys
                   **{k: [t.detach().clone() for t in data[k].unbind()] for k in fields}}
@@ -217,7 +251,13 @@ class PerlSyncTrainer(PPOTrainerSync):
 
     def _compute_advantage(self, batch, metrics: dict):
         if self.config.algorithm.adv_estimator != "tspmo":
-            return super()._compute_advantage(batch, metrics)
+            if not self.old_log_probs_from_update:
+                return super()._compute_advantage(batch, metrics)
+            # verl's step also reports its rollout_correction block's diagnostics of the rollout's log-probs
+            # against the old ones, which do not exist yet: the update reports them (perl.verl_glue.on_policy;
+            # the block weighs nothing here: old_log_probs_source keeps the pass for IS/RS and bypass)
+            with without_rollout_correction(self.config):
+                return super()._compute_advantage(batch, metrics)
         # verl's step also applies the KL-in-reward penalty and rollout correction; the config
         # check refuses both with T-SPMO (perl.verl_glue.config.check_algorithm).
         data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=TSPMO_FIELDS)
@@ -238,6 +278,21 @@ class PerlSyncTrainer(PPOTrainerSync):
 # every other non-tensor field is the trajectory's bookkeeping (its dataset row: prompt, reward model,
 # extra info, tool kwargs; the agent loop's records), which no actor computation reads
 ACTOR_NON_TENSOR_FIELDS = frozenset({"multi_modal_inputs"})
+
+
+@contextmanager
+def without_rollout_correction(config):
+    """`algorithm.rollout_correction` read as null for the duration (verl's advantage step reads it there)."""
+    from omegaconf import open_dict
+
+    block = config.algorithm.get("rollout_correction")
+    with open_dict(config.algorithm):
+        config.algorithm.rollout_correction = None
+    try:
+        yield
+    finally:
+        with open_dict(config.algorithm):
+            config.algorithm.rollout_correction = block
 
 
 @contextmanager

@@ -21,6 +21,9 @@ def main() -> None:
     verl_engine.check_sgrpo(dirs["tiny-qwen2"])
     if rank == 0:
         print("ok engine sgrpo", flush=True)
+    verl_engine.check_old_log_probs_from_update(dirs["tiny-qwen2"])
+    if rank == 0:
+        print("ok engine old log-probs from the update", flush=True)
     verl_engine.check_tied_gradient(dirs["tiny-qwen2"])
     if rank == 0:
         print("ok engine tinylora tied gradient", flush=True)

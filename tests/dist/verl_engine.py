@@ -28,6 +28,8 @@ from verl_common import (  # noqa: E402
 
 import math  # noqa: E402
 
+import numpy as np  # noqa: E402
+
 import torch  # noqa: E402
 
 from perl.methods import METHODS, adapt, get_method  # noqa: E402
@@ -279,6 +281,85 @@ def check_sgrpo(path: str) -> None:
     assert max(diffs.values()) < 1e-6, sorted(diffs.items(), key=lambda kv: -kv[1])[:3]
     moved = max(float(a[k].abs().max()) for k in a if "lora_B" in k)  # lora_B starts at zero
     assert moved > 1000 * max(diffs.values()), ("the S-GRPO step did not train", moved)
+
+
+def check_old_log_probs_from_update(path: str) -> None:
+    """One optimizer step per trainer step (perl.verl_glue.on_policy): the update with its old
+    log-probs taken from its own forward (PeRL's trainer flag, no old log-probs in the batch) gives the
+    same weights as verl's way (a separate pass for them first), and the metrics that pass gives come
+    out of the update equal to verl's own `calculate_debug_metrics` and entropy mean over both ranks'
+    batches (each rank has its own)."""
+    import torch.distributed as dist
+    from verl.protocol import DataProto
+    from verl.trainer.ppo.rollout_corr_helper import compute_offpolicy_metrics
+    from verl.utils.debug.metrics import calculate_debug_metrics
+    from verl.utils.metric.utils import Metric
+    from verl.utils.torch_functional import allgather_dict_into_dict
+
+    from perl.verl_glue.on_policy import FROM_UPDATE, old_log_probs_source, update_metrics
+    from support.engine_harness import batch_meta, to_tensordict
+
+    same = ["peft.dropout=0.0", "actor_rollout_ref.actor.optim.optimizer=SGD"]  # as check_sgrpo: no noise
+    cfg = cfg_for(path, "lora", same)
+    assert old_log_probs_source(cfg)[0] == "update", old_log_probs_source(cfg)
+    eng_a, loss_a = build_actor_engine(cfg)
+    eng_b, loss_b = build_actor_engine(cfg)
+    with torch.no_grad():  # lora_B away from zero, so that the log-probs depend on the adapter; then B = A
+        for (name, pa), pb in zip(eng_a.module.named_parameters(), eng_b.module.parameters()):
+            local = pa.to_local() if hasattr(pa, "to_local") else pa
+            if "lora_B" in name:
+                local.normal_(0, 0.05, generator=torch.Generator().manual_seed(hash(name) % 1000))
+            (pb.to_local() if hasattr(pb, "to_local") else pb).copy_(local)
+    rank = dist.get_rank()
+    rows = synthetic_batch(4, vocab=VOCAB, seed=11 + rank, response_len=(3, 9))
+    # verl's pass: old log-probs and entropy of every response token (the trainer's infer call)
+    meta = dict(batch_meta(cfg, train=False), calculate_entropy=True)
+    with eng_a.eval_mode(disable_auto_offload=True):
+        out = eng_a.infer_batch(to_tensordict(rows, meta), loss_function=None)
+    old, entropy = [], []
+    for lp, ent, prompt, response in zip(out["model_output"]["log_probs"].unbind(), out["model_output"]["entropy"].unbind(),
+                                         rows["prompts"], rows["responses"]):
+        p, r = len(prompt), len(response)
+        old.append(lp[p - 1 : p - 1 + r].detach().clone())
+        entropy.append(ent[p - 1 : p - 1 + r].detach().clone())
+    g = torch.Generator().manual_seed(100 + rank)
+    rows["rollout_log_probs"] = [o + 0.02 * torch.randn(len(o), generator=g) for o in old]
+    rows["response_mask"][0] = torch.cat([rows["response_mask"][0][:-1], torch.zeros(1, dtype=torch.int64)])
+    rows["loss_mask"][0] = rows["response_mask"][0].clone()
+
+    before = full_state(eng_a)
+    out_a = train_step(eng_a, loss_a, cfg, rows)  # verl's way: the pass, then the update
+    data = to_tensordict(rows, {**batch_meta(cfg, train=True), FROM_UPDATE: True})
+    assert "old_log_probs" not in data.keys()
+    with eng_b.train_mode(disable_auto_offload=True):
+        out_b = eng_b.train_batch(data, loss_function=loss_b)
+    eng_b.lr_scheduler_step()
+    a, b = full_state(eng_a), full_state(eng_b)
+    diffs = {k: float((a[k] - b[k]).abs().max()) for k in a}
+    assert max(diffs.values()) < 1e-6, sorted(diffs.items(), key=lambda kv: -kv[1])[:3]
+    moved = max(float((a[k] - before[k]).abs().max()) for k in a)
+    assert moved > 1000 * max(diffs.values()), ("the step did not train", moved)
+
+    def reduced(output) -> dict:  # verl's worker: gather over ranks, Metric.aggregate_dp
+        gathered = allgather_dict_into_dict(output["metrics"], group=None)
+        return {k: Metric.aggregate_dp(v) if isinstance(v[0], Metric) else float(np.mean(v)) for k, v in gathered.items()}
+
+    got, verls = reduced(out_b), reduced(out_a)
+    assert abs(got["actor/pg_loss"] - verls["actor/pg_loss"]) < 1e-6, (got["actor/pg_loss"], verls["actor/pg_loss"])
+    assert got["actor/pg_clipfrac"] == 0.0 and got["actor/ppo_kl"] == 0.0, got  # the ratio is exactly 1
+    update_metrics(got, entropy_in_loss=False, offpolicy=True)
+    everything = [None] * dist.get_world_size()
+    dist.all_gather_object(everything, (old, entropy, rows["rollout_log_probs"], rows["response_mask"]))
+    pad = lambda ts: torch.nn.utils.rnn.pad_sequence(ts, batch_first=True)  # noqa: E731
+    old_all, ent_all, roll_all, mask_all = (pad([t for part in everything for t in part[i]]) for i in range(4))
+    want = calculate_debug_metrics(DataProto.from_dict({"old_log_probs": old_all, "rollout_log_probs": roll_all,
+                                                        "response_mask": mask_all, "responses": old_all}))
+    want["actor/entropy"] = float((ent_all * mask_all).sum() / mask_all.sum())  # verl: token-mean over the batch
+    offpolicy = compute_offpolicy_metrics(old_log_prob=old_all, rollout_log_prob=roll_all, response_mask=mask_all)
+    want.update({f"rollout_corr/{k}": v for k, v in offpolicy.items()})
+    for key, value in want.items():
+        assert math.isclose(got[key], value, rel_tol=1e-4, abs_tol=1e-6), (key, got[key], value)
+    assert len(want) == 19, sorted(want)
 
 
 def check_tied_gradient(path: str) -> None:

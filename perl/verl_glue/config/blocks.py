@@ -73,6 +73,8 @@ class PerlBlock:
     over_dispatch: bool = _f(True, "dynamic sampling sends extra prompts with each batch, sized by the last steps' "
                                    "drop rate, so that refill rounds are rare (perl.verl_glue.sampler); false: "
                                    "verl's exact batch, refilled in rounds")
+    old_log_probs: str = _f("auto", "auto: from the update's own forward when a trainer step is one optimizer step "
+                                    "(perl.verl_glue.on_policy) | recompute: verl's separate pass")
     dump_rollout_tokens: bool = _f(False, "write each step's batch as token ids + log-probs (<run>/rollouts/)")
     seeded_rollouts: bool = _f(False, "each completion sampled with its own seed from rollout.seed, the step, the "
                                       "prompt's index and its place in the group: rollouts reproducible")
@@ -85,6 +87,7 @@ class PerlBlock:
 
 
 CONSOLE_MODES = ("quiet", "verbose")
+OLD_LOG_PROBS_MODES = ("auto", "recompute")  # perl.verl_glue.on_policy
 
 
 def _matches(value: Any, annotation: Any) -> bool:

@@ -19,7 +19,7 @@ from perl.methods.spec import SPEC_FIELDS
 
 from . import toy
 from .batches import run_arithmetic, updates_per_step
-from .blocks import ADAPTER_SYNC, CONSOLE_MODES, SYNC_DTYPES, HeldoutBlock, PeftBlock, PerlBlock, read_block
+from .blocks import ADAPTER_SYNC, CONSOLE_MODES, OLD_LOG_PROBS_MODES, SYNC_DTYPES, HeldoutBlock, PeftBlock, PerlBlock, read_block
 from .layers import parse_overrides
 from .cpu import poll_interval
 from .errors import ConfigError
@@ -62,6 +62,8 @@ def read_perl_blocks(cfg: DictConfig) -> PerlBlock:
     perl = read_block(PerlBlock, cfg.perl, "perl")
     if perl.console not in CONSOLE_MODES:
         raise ConfigError(f"perl.console: {perl.console!r} is not one of {', '.join(CONSOLE_MODES)}")
+    if perl.old_log_probs not in OLD_LOG_PROBS_MODES:
+        raise ConfigError(f"perl.old_log_probs: {perl.old_log_probs!r} is not one of {', '.join(OLD_LOG_PROBS_MODES)}")
     if perl.heldout is not None:
         heldout = read_block(HeldoutBlock, perl.heldout, "perl.heldout")
         if heldout.k < 1:
