@@ -215,6 +215,8 @@ def test_dry_run_prints_config_and_adapter_summary_without_ray(paths, capsys):
     printed = OmegaConf.create(out.split("# adapted model")[0])
     assert printed.peft.name == "dora" and printed.actor_rollout_ref.actor.clip_ratio_high == 0.28
     assert "method:     dora (Structural)" in out and "trainable:  66,560 of 107,072 parameters" in out
+    # perl_dapo.yaml's batch is one optimizer step per trainer step: the update gives the old log-probs
+    assert "old logp:   the update's own forward (one optimizer step per trainer step; " in out
     assert main(ready(paths, "peft.name=ia3", "--dry-run", "--format", "json")) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["adapter"]["method"] == "ia3" and report["adapter"]["target_modules"] == ["k_proj", "v_proj", "down_proj"]

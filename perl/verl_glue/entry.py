@@ -326,6 +326,7 @@ def first_screen(full, summary: dict[str, Any]) -> str:
     """What runs, in a dozen lines: method, model, data, batch arithmetic, where everything goes."""
     from perl.verl_glue.config import format_arithmetic, run_dir
     from perl.verl_glue.config.toy import model_label
+    from perl.verl_glue.on_policy import describe
     from perl.verl_glue.console import LOGS_DIR
     from perl.verl_glue.run_dir import RESOLVED_CONFIG
 
@@ -346,6 +347,7 @@ def first_screen(full, summary: dict[str, Any]) -> str:
     lines += [f"data note:  {note}" for note in summary.get("data_notes", [])]
     lines += [f"gpu note:   {note}" for note in summary.get("gpu_notes", [])]
     lines += [format_arithmetic(full.perl.derived),
+              f"old logp:   {describe(full)}",
               f"run dir:    {out}",
               f"            resolved config: {os.path.join(out, RESOLVED_CONFIG)}; verl/Ray/vLLM logs: "
               f"{os.path.join(out, LOGS_DIR)}/"]
@@ -360,6 +362,7 @@ def main(argv: list[str] | argparse.Namespace | None = None) -> int:
     from omegaconf import OmegaConf
 
     from perl.verl_glue.config import ConfigError, format_arithmetic, resolved
+    from perl.verl_glue.on_policy import describe
 
     argv = list(sys.argv[1:]) if argv is None else argv
     try:
@@ -377,6 +380,7 @@ def main(argv: list[str] | argparse.Namespace | None = None) -> int:
             print(OmegaConf.to_yaml(full))
             print("# run (perl.derived)")
             print(format_arithmetic(full.perl.derived))
+            print(f"old logp:   {describe(full)}")
             print("# adapted model")
             print(format_summary(summary))
             for note in summary.get("gpu_notes", []):

@@ -72,23 +72,30 @@ def old_log_probs_source(cfg) -> tuple[str, str]:
         return "pass", "perl.old_log_probs=recompute"
     updates = updates_per_step(cfg)
     if updates != 1:
-        return "pass", f"{updates} optimizer steps per trainer step (ppo_epochs x mini-batches): after the first, π_old is not the policy"
+        return "pass", f"{updates} optimizer steps per trainer step (ppo_epochs x mini-batches); after the first, π_old is not the policy"
     algorithm = cfg.algorithm
     correction = algorithm.get("rollout_correction") or {}
     if correction.get("bypass_mode", False):
-        return "pass", "algorithm.rollout_correction.bypass_mode: verl takes the rollout's log-probs as π_old"
+        return "pass", "algorithm.rollout_correction.bypass_mode; verl takes the rollout's log-probs as π_old"
     if correction.get("rollout_is") is not None or correction.get("rollout_rs") is not None:
         return "pass", "algorithm.rollout_correction weighs against π_old before the update"
     if algorithm.get("use_kl_in_reward", False):
-        return "pass", "algorithm.use_kl_in_reward: the advantage step reads π_old"
+        return "pass", "algorithm.use_kl_in_reward; the advantage step reads π_old"
     if str(algorithm.get("adv_estimator")) in _ESTIMATORS_READING_OLD:
         return "pass", f"algorithm.adv_estimator={algorithm.adv_estimator} reads π_old"
     if perl.get("loss_mode") == "sgrpo":
-        return "pass", "perl.loss_mode=sgrpo: the update's forward covers the token subset only"
+        return "pass", "perl.loss_mode=sgrpo; the update's forward covers the token subset only"
     distillation = cfg.get("distillation") or {}
     if distillation.get("enabled", False):
         return "pass", "distillation"
-    return "update", "one optimizer step per trainer step: π_old is the update's own policy"
+    return "update", "one optimizer step per trainer step; π_old is the update's own policy"
+
+
+def describe(cfg) -> str:
+    """The old log-probs' source in a line (the first screen, the dry run, the trainer's log)."""
+    source, why = old_log_probs_source(cfg)
+    where = "the update's own forward" if source == "update" else "verl's separate pass"
+    return f"{where} ({why})"
 
 
 def on_policy_loss(loss_function: Callable, *, entropy_in_loss: bool) -> Callable:

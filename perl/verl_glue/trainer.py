@@ -146,12 +146,10 @@ class PerlSyncTrainer(PPOTrainerSync):
         once from the config and said on the console."""
         decided = getattr(self, "_old_log_probs_source", None)
         if decided is None:
-            from perl.verl_glue.on_policy import old_log_probs_source
+            from perl.verl_glue.on_policy import describe, old_log_probs_source
 
             decided = self._old_log_probs_source = old_log_probs_source(self.config)
-            source, why = decided
-            where = "the update's own forward" if source == "update" else "verl's separate pass"
-            print(f"[perl] old log-probs: {where} ({why})", flush=True)
+            print(f"[perl] old log-probs: {describe(self.config)}", flush=True)
         return decided[0] == "update"
 
     def _compute_old_log_prob(self, batch, metrics: dict):
