@@ -190,3 +190,19 @@ def test_the_engine_wraps_verls_loss_only_when_the_trainer_asks_and_keeps_entrop
             logits = torch.ones(2, 3, requires_grad=True)
             assert engine.compute_entropy_from_logits(logits).requires_grad is entropy_in_loss
         assert engine.compute_entropy_from_logits is entropy_fn
+
+
+def test_verls_advantage_step_reads_no_rollout_correction_block_only_for_the_duration(on_policy_cfg):
+    """trainer.without_rollout_correction: verl's `_compute_advantage` would compute the block's
+    diagnostics from old log-probs that do not exist yet (the update reports them); the block is back
+    afterwards, also after an error, in a struct config."""
+    from perl.verl_glue.trainer import without_rollout_correction
+
+    cfg = _with(on_policy_cfg)
+    OmegaConf.set_struct(cfg, True)
+    block = OmegaConf.to_container(cfg.algorithm.rollout_correction)
+    with pytest.raises(RuntimeError):
+        with without_rollout_correction(cfg):
+            assert cfg.algorithm.get("rollout_correction", "absent") is None
+            raise RuntimeError("the advantage step failed")
+    assert OmegaConf.to_container(cfg.algorithm.rollout_correction) == block and block

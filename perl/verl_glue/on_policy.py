@@ -14,9 +14,11 @@ With `perl.old_log_probs=auto` (the default) PeRL skips that pass where it is re
 (`old_log_probs_source` says where and why not): the loss takes old_log_probs = log_probs.detach()
 from the update's own forward (`on_policy_loss`, wrapped around verl's loss by PeRL's engine), and
 the metrics the pass gave come from the same forward, with the same weights: `actor/entropy` (no
-gradient flows through it unless entropy_coeff puts it in the loss) and verl's `training/
-rollout_probs_diff_*` / `rollout_actor_probs_pearson_corr`, summed per micro-batch and combined after
-the update (`update_metrics`). `perl.old_log_probs=recompute` keeps verl's separate pass.
+gradient flows through it unless entropy_coeff puts it in the loss), verl's `training/
+rollout_probs_diff_*` / `rollout_actor_probs_pearson_corr` and the `rollout_corr/*` diagnostics its
+advantage step reports (`_compute_advantage` then reads no rollout_correction block:
+`trainer.without_rollout_correction`), summed per micro-batch and combined after the update
+(`update_metrics`). `perl.old_log_probs=recompute` keeps verl's separate pass.
 
 Where the pass stays (the ratio or the advantage needs a π_old that is not the update's own policy,
 or a record needs the pass's values): more than one optimizer step per trainer step, verl's rollout
@@ -37,8 +39,6 @@ import torch
 # The flag PeRL's trainer puts in the update batch's extra info, read by PeRL's engine: take the
 # old log-probs from this forward. Its absence means verl's own path (the separate pass ran).
 FROM_UPDATE = "perl_old_log_probs_from_update"
-# whether the entropy is in the loss (entropy_coeff != 0 or actor.calculate_entropy) or only a metric
-ENTROPY_IN_LOSS = "perl_entropy_in_loss"
 
 # verl's estimators whose advantage reads old_log_probs (verl/trainer/ppo/core_algos.py)
 _ESTIMATORS_READING_OLD = ("optimal_token_baseline", "tir_optimal_token_baseline")
