@@ -63,9 +63,11 @@ def test_old_log_probs_from_the_updates_own_forward_train_like_verls_separate_pa
     """tests/dist/verl_engine.py `check_old_log_probs_from_update` (perl.verl_glue.on_policy): with one
     optimizer step per trainer step, the update flagged by PeRL's trainer, with no old log-probs in its
     batch, gives the weights of verl's way (a separate log-prob pass first) within 1e-6, a ratio of
-    exactly 1, and the pass's metrics (entropy, rollout-vs-actor) equal to verl's own over both ranks."""
+    exactly 1, and the pass's metrics (entropy, rollout-vs-actor) equal to verl's own over both ranks;
+    on verl's padded path (the CPU profile's) and its packed one (remove-padding, the GPU recipes'),
+    whose entropy PeRL computes without a gradient."""
     out = _report(dist_run, "VERL_ENGINE_OK 15")
-    assert "ok engine old log-probs from the update" in out
+    assert "ok engine old log-probs from the update (padded and packed)" in out
 
 
 def test_tinylora_tied_vector_is_summed_over_units_and_ranks_and_stepped_once(dist_run):

@@ -22,8 +22,9 @@ def main() -> None:
     if rank == 0:
         print("ok engine sgrpo", flush=True)
     verl_engine.check_old_log_probs_from_update(dirs["tiny-qwen2"])
+    verl_engine.check_old_log_probs_from_update(dirs["tiny-qwen2"], remove_padding=True)
     if rank == 0:
-        print("ok engine old log-probs from the update", flush=True)
+        print("ok engine old log-probs from the update (padded and packed)", flush=True)
     verl_engine.check_tied_gradient(dirs["tiny-qwen2"])
     if rank == 0:
         print("ok engine tinylora tied gradient", flush=True)
