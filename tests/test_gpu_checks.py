@@ -161,12 +161,19 @@ def test_memory_estimate_at_the_papers_lengths_is_the_documented_formula(paths):
                              "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=1",
                              "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=1")), hf, total, trainable)
     assert small.tokens == t // 4 and small.total < est.total / 3
-    # with remove-padding flash-attn's cross-entropy keeps two copies in the update, and the log-prob
-    # pass (logits, the entropy's softmax and product) becomes the peak
-    rmpad = gpu_checks.estimate_memory(
-        vc.compose({}, ready(paths, f"actor_rollout_ref.model.path={R1_15B}",
-                             "actor_rollout_ref.model.use_remove_padding=true")), hf, total, trainable)
-    assert rmpad.phase == "log-probs" and rmpad.logits == pytest.approx(3 * t * v * 2 / 1e9)
+    # with remove-padding flash-attn's cross-entropy keeps two copies in the update; with verl's
+    # separate old-log-prob pass (logits, the entropy's softmax and product) that pass is the peak ...
+    rmpad = ready(paths, f"actor_rollout_ref.model.path={R1_15B}", "actor_rollout_ref.model.use_remove_padding=true")
+    recompute = gpu_checks.estimate_memory(vc.compose({}, rmpad + ["perl.old_log_probs=recompute"]), hf, total, trainable)
+    assert recompute.phase == "log-probs" and recompute.logits == pytest.approx(3 * t * v * 2 / 1e9)
+    # ... which does not run where the update gives the old log-probs (the default at one optimizer step
+    # per trainer step: perl.verl_glue.on_policy; its entropy in row chunks, without a gradient)
+    auto = gpu_checks.estimate_memory(vc.compose({}, rmpad), hf, total, trainable)
+    assert auto.phase == "update" and auto.logits == pytest.approx(2 * t * v * 2 / 1e9) and auto.total < recompute.total
+    # a reference policy (KL loss) still needs its log-prob pass
+    kl = gpu_checks.estimate_memory(vc.compose({}, rmpad + ["actor_rollout_ref.actor.use_kl_loss=true"]), hf, total,
+                                    trainable)
+    assert kl.phase == "log-probs"
 
 
 def test_memory_estimate_warns_naming_the_knobs(paths):

@@ -173,22 +173,31 @@ def test_the_engine_wraps_verls_loss_only_when_the_trainer_asks_and_keeps_entrop
 
     from perl.verl_glue.engine import PerlFSDPEngine
 
+    from types import SimpleNamespace
+
     engine = PerlFSDPEngine.__new__(PerlFSDPEngine)  # only this method's own logic runs here
+    engine.engine_config = SimpleNamespace(entropy_from_logits_chunk_size=2)
     entropy_fn = lambda logits: (logits * logits).sum(-1)  # noqa: E731
     engine.compute_entropy_from_logits = entropy_fn
     verls = object()
-    plain = tu.get_tensordict(tensor_dict={"x": torch.zeros(2, 1)}, non_tensor_dict={"calculate_entropy": False})
+    plain = tu.get_tensordict(tensor_dict={"x": torch.zeros(2, 1)},
+                              non_tensor_dict={"calculate_entropy": False, "use_remove_padding": True})
     with engine._old_log_probs_from_this_forward(plain, verls, forward_only=False) as loss:
         assert loss is verls and engine.compute_entropy_from_logits is entropy_fn
     for entropy_in_loss in (False, True):
         flagged = tu.get_tensordict(tensor_dict={"x": torch.zeros(2, 1)},
-                                    non_tensor_dict={"calculate_entropy": entropy_in_loss, FROM_UPDATE: True})
+                                    non_tensor_dict={"calculate_entropy": entropy_in_loss, FROM_UPDATE: True,
+                                                     "use_remove_padding": True})
         with engine._old_log_probs_from_this_forward(flagged, verls, forward_only=True) as loss:
             assert loss is verls
         with engine._old_log_probs_from_this_forward(flagged, verls, forward_only=False) as loss:
             assert loss is not verls and tu.get_non_tensor_data(flagged, "calculate_entropy", None) is True
-            logits = torch.ones(2, 3, requires_grad=True)
-            assert engine.compute_entropy_from_logits(logits).requires_grad is entropy_in_loss
+            logits = torch.randn(5, 3, requires_grad=True)
+            entropy = engine.compute_entropy_from_logits(logits)
+            assert entropy.requires_grad is entropy_in_loss
+            if not entropy_in_loss:  # in row chunks of 2, the entropy of each row's softmax
+                p = torch.softmax(logits.detach(), -1)
+                assert torch.allclose(entropy, -(p * p.log()).sum(-1), atol=1e-6)
         assert engine.compute_entropy_from_logits is entropy_fn
 
 

@@ -47,7 +47,7 @@ from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
 
 from perl.methods import AdaptedPolicy, MethodSpec, adapt, get_method
 from perl.methods.base import Method, canonical_name
-from perl.verl_glue.on_policy import FROM_UPDATE, on_policy_loss
+from perl.verl_glue.on_policy import FROM_UPDATE, METRIC_ENTROPY, on_policy_loss
 from perl.verl_glue.run_dir import ADAPTER_DIR, STATE_FILE
 from verl.utils import tensordict_utils as tu
 
@@ -335,18 +335,27 @@ class PerlFSDPEngine(FSDPEngineWithLMHead):
     def _old_log_probs_from_this_forward(self, data, loss_function, forward_only: bool):
         """Where PeRL's trainer asks for it (perl.verl_glue.on_policy), verl's loss with the old
         log-probs taken from this forward, and the entropy computed for the step's metric, without a
-        gradient unless the loss has it (the packed path's entropy function runs under no_grad; the
-        padded path's is detached before the loss). Otherwise verl's loss, unchanged."""
+        gradient unless the loss has it: in row chunks under no_grad, so no logits-sized copy beside the
+        update's (the packed path: through verl's `compute_entropy_from_logits`; the padded path:
+        `_outputs_with_metric_entropy`). Otherwise verl's loss, unchanged."""
         if forward_only or not tu.get_non_tensor_data(data=data, key=FROM_UPDATE, default=False):
             yield loss_function
             return
         entropy_in_loss = bool(tu.get_non_tensor_data(data=data, key="calculate_entropy", default=False))
         tu.assign_non_tensor(data, calculate_entropy=True)
         compute = self.compute_entropy_from_logits
-        if not entropy_in_loss:
-            def entropy_without_gradient(*args, **kwargs):
+        padded = not tu.get_non_tensor_data(data=data, key="use_remove_padding", default=True)
+        if not entropy_in_loss and padded and not tu.get_non_tensor_data(data=data, key="use_fused_kernels",
+                                                                         default=False):
+            tu.assign_non_tensor(data, **{METRIC_ENTROPY: True})  # `_outputs_with_metric_entropy`
+        if not entropy_in_loss:  # the packed path's entropy: no gradient, in row chunks (no logits-sized copies)
+            from verl.utils.torch_functional import entropy_from_logits_with_chunking
+
+            chunk = int(self.engine_config.entropy_from_logits_chunk_size)
+
+            def entropy_without_gradient(logits, *args, **kwargs):
                 with torch.no_grad():
-                    return compute(*args, **kwargs)
+                    return entropy_from_logits_with_chunking(logits, chunk_size=chunk)
 
             self.compute_entropy_from_logits = entropy_without_gradient
         try:
@@ -368,8 +377,6 @@ class PerlFSDPEngine(FSDPEngineWithLMHead):
         from perl.verl_glue.token_subset import SELECTED, loss_positions
 
         if SELECTED in micro_batch.keys():
-            from verl.utils import tensordict_utils as tu
-
             rmpad = tu.get_non_tensor_data(data=micro_batch, key="use_remove_padding", default=True)
             keep = loss_positions(micro_batch, use_remove_padding=rmpad).to(model_inputs["input_ids"].device)
             model_inputs["logits_to_keep"] = keep  # HF causal LMs: lm_head(hidden[:, keep])
@@ -379,9 +386,9 @@ class PerlFSDPEngine(FSDPEngineWithLMHead):
     def prepare_model_outputs(self, output, output_args, micro_batch, logits_processor_func):
         keep = output_args.get("perl_keep")
         if keep is None:
+            if tu.get_non_tensor_data(data=micro_batch, key=METRIC_ENTROPY, default=False):
+                return self._outputs_with_metric_entropy(output, output_args, micro_batch, logits_processor_func)
             return super().prepare_model_outputs(output, output_args, micro_batch, logits_processor_func)
-        from verl.utils import tensordict_utils as tu
-
         from perl.verl_glue.token_subset import subset_log_probs
 
         return subset_log_probs(output.logits, keep, output_args, micro_batch,
@@ -389,6 +396,29 @@ class PerlFSDPEngine(FSDPEngineWithLMHead):
                                                                           default=True),
                                 calculate_entropy=tu.get_non_tensor_data(data=micro_batch, key="calculate_entropy",
                                                                          default=False))
+
+    def _outputs_with_metric_entropy(self, output, output_args, micro_batch, logits_processor_func):
+        """The padded path's outputs where the entropy is for the step's metric only (perl.verl_glue.on_policy):
+        verl's, without the entropy, which verl would compute with `verl_F.entropy_from_logits` on the
+        logits that carry the gradient (its softmax, a logits-sized copy, alive to the end of the
+        forward). Here: in row chunks under no_grad, at the rollout's temperature, laid out as verl lays
+        out the padded path's entropy (per sequence, nested over its tokens)."""
+        from verl.utils.torch_functional import entropy_from_logits_with_chunking
+
+        tu.assign_non_tensor(micro_batch, calculate_entropy=False)
+        try:
+            out = super().prepare_model_outputs(output, output_args, micro_batch, logits_processor_func)
+        finally:
+            tu.assign_non_tensor(micro_batch, calculate_entropy=True)
+        logits = output.logits  # (sequences, padded length, vocab)
+        temperature = output_args["temperature"]  # (sequences,)
+        lengths = micro_batch["input_ids"].offsets().diff()
+        chunk = int(self.engine_config.entropy_from_logits_chunk_size)
+        with torch.no_grad():
+            rows = [entropy_from_logits_with_chunking(logits[i, : int(n)] / temperature[i].clamp(min=1e-8).to(logits.dtype),
+                                                      chunk_size=chunk) for i, n in enumerate(lengths)]
+        out["entropy"] = torch.nested.nested_tensor_from_jagged(torch.cat(rows), micro_batch["input_ids"].offsets())
+        return out
 
     def extra_loss_backward(self) -> float | None:
         """Add the method's extra loss (AdaLoRA's orthogonal regulariser) once per optimizer step.

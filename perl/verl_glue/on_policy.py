@@ -39,6 +39,8 @@ import torch
 # The flag PeRL's trainer puts in the update batch's extra info, read by PeRL's engine: take the
 # old log-probs from this forward. Its absence means verl's own path (the separate pass ran).
 FROM_UPDATE = "perl_old_log_probs_from_update"
+# set by PeRL's engine on such an update's padded-path micro-batches: the entropy is for the metric only
+METRIC_ENTROPY = "perl_metric_entropy"
 
 # verl's estimators whose advantage reads old_log_probs (verl/trainer/ppo/core_algos.py)
 _ESTIMATORS_READING_OLD = ("optimal_token_baseline", "tir_optimal_token_baseline")

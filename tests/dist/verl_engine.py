@@ -290,8 +290,9 @@ def check_old_log_probs_from_update(path: str, remove_padding: bool = False) -> 
     out of the update equal to verl's own `calculate_debug_metrics` and entropy mean over both ranks'
     batches (each rank has its own). `remove_padding`: verl's packed path, every GPU recipe's (the CPU
     profile refuses it for a run: flash-attn's varlen kernels; with sdpa, transformers masks packed
-    sequences by their position ids, so the engine runs it here), where the entropy goes through the
-    engine's `compute_entropy_from_logits`, which PeRL runs without a gradient."""
+    sequences by their position ids, so the engine runs it here). On both the step's entropy is computed
+    without a gradient (the packed path: through verl's `compute_entropy_from_logits`; the padded one:
+    PeRL's `_outputs_with_metric_entropy`)."""
     import torch.distributed as dist
     from verl.protocol import DataProto
     from verl.trainer.ppo.rollout_corr_helper import compute_offpolicy_metrics
@@ -302,7 +303,8 @@ def check_old_log_probs_from_update(path: str, remove_padding: bool = False) -> 
     from perl.verl_glue.on_policy import FROM_UPDATE, old_log_probs_source, update_metrics
     from support.engine_harness import batch_meta, to_tensordict
 
-    same = ["peft.dropout=0.0", "actor_rollout_ref.actor.optim.optimizer=SGD"]  # as check_sgrpo: no noise
+    same = ["peft.dropout=0.0", "actor_rollout_ref.actor.optim.optimizer=SGD",  # as check_sgrpo: no noise
+            "actor_rollout_ref.rollout.temperature=0.7"]  # log-probs and entropy at the rollout's temperature
     if remove_padding:
         same.append("+actor_rollout_ref.model.override_config.attn_implementation=sdpa")
     cfg = cfg_for(path, "lora", same)
@@ -311,10 +313,9 @@ def check_old_log_probs_from_update(path: str, remove_padding: bool = False) -> 
     eng_a, loss_a = build_actor_engine(cfg)
     eng_b, loss_b = build_actor_engine(cfg)
     assert eng_b.engine_config.use_remove_padding is remove_padding
-    if remove_padding:  # the packed path's entropy reaches the loss without a gradient
-        seen = []
-        compute = eng_b.compute_entropy_from_logits
-        eng_b.compute_entropy_from_logits = lambda *a, **k: seen.append(compute(*a, **k)) or seen[-1]
+    seen = []  # the entropy each micro-batch's outputs carry to the loss: computed without a gradient
+    outputs = eng_b.prepare_model_outputs
+    eng_b.prepare_model_outputs = lambda *a, **k: seen.append(outputs(*a, **k)) or seen[-1]
     with torch.no_grad():  # lora_B away from zero, so that the log-probs depend on the adapter; then B = A
         for (name, pa), pb in zip(eng_a.module.named_parameters(), eng_b.module.parameters()):
             local = pa.to_local() if hasattr(pa, "to_local") else pa
@@ -345,8 +346,8 @@ def check_old_log_probs_from_update(path: str, remove_padding: bool = False) -> 
     with eng_b.train_mode(disable_auto_offload=True):
         out_b = eng_b.train_batch(data, loss_function=loss_b)
     eng_b.lr_scheduler_step()
-    if remove_padding:
-        assert seen and not any(e.requires_grad for e in seen), [e.requires_grad for e in seen]
+    assert seen and all(o["log_probs"].requires_grad and not o["entropy"].requires_grad for o in seen), \
+        [(o["log_probs"].requires_grad, o["entropy"].requires_grad) for o in seen]
     a, b = full_state(eng_a), full_state(eng_b)
     diffs = {k: float((a[k] - b[k]).abs().max()) for k in a}
     assert max(diffs.values()) < 1e-6, sorted(diffs.items(), key=lambda kv: -kv[1])[:3]

@@ -153,10 +153,15 @@ def estimate_memory(cfg: DictConfig, hf, total_params: int, trainable_params: in
     sequence / Ulysses. Logits, at the compute dtype's b bytes: T x vocab x b, three live copies (the
     update: logits, the log-softmax kept for backward, the gradient, two where flash-attn's
     cross-entropy runs, i.e. with remove-padding; +1 for entropy in the loss. The log-prob pass: logits
-    and the entropy's softmax and product, one with entropy_from_logits_with_chunking). Activations of a
+    and the entropy's softmax and product, one with entropy_from_logits_with_chunking; it does not run
+    where the update gives the old log-probs (perl.old_log_probs, perl.verl_glue.on_policy: the step's
+    entropy then comes from the update in row chunks, without a gradient), unless a reference policy
+    needs one). Activations of a
     decoder layer: 8h + 4 kv + 4 I elements a token (norms, q/k/v/o, rotary, SwiGLU); with gradient
     checkpointing every layer keeps its input (h) and one layer is recomputed. States: fp32 parameter
     shards over all GPUs, + gradients and Adam moments (12 bytes) of the trained parameters."""
+    from perl.verl_glue.on_policy import old_log_probs_source
+
     arr, data = cfg.actor_rollout_ref, cfg.data
     actor, rollout = arr.actor, arr.rollout
     seq, gpus, sp = int(data.max_prompt_length) + int(data.max_response_length), n_gpus(cfg), ulysses(cfg, "actor")
@@ -175,8 +180,14 @@ def estimate_memory(cfg: DictConfig, hf, total_params: int, trainable_params: in
         return int(budget) if dynamic else math.ceil(int(micro or 1) * seq / sp)
 
     t_up = tokens(actor.use_dynamic_bsz, actor.ppo_max_token_len_per_gpu, actor.ppo_micro_batch_size_per_gpu)
-    copies = 2 if arr.model.get("use_remove_padding") else 3
-    copies += 1 if (actor.get("calculate_entropy") or float(actor.entropy_coeff or 0) != 0) else 0
+    rmpad = bool(arr.model.get("use_remove_padding"))
+    copies = 2 if rmpad else 3
+    entropy_in_loss = bool(actor.get("calculate_entropy") or float(actor.entropy_coeff or 0) != 0)
+    from_update = old_log_probs_source(cfg)[0] == "update"
+    # the entropy's softmax beside the logits when it is in the loss; where the update gives the old
+    # log-probs it computes the step's entropy for the metric in row chunks without a gradient
+    # (perl.verl_glue.engine), and no log-prob pass runs
+    copies += 1 if entropy_in_loss else 0
     checkpointing = bool(arr.model.get("enable_gradient_checkpointing"))
     acts = t_up * (layers * h * b + per_token) if checkpointing else t_up * layers * per_token
     update = MemoryEstimate("update", t_up, copies * t_up * vocab * b / GB, acts / GB, states / GB)
@@ -185,6 +196,8 @@ def estimate_memory(cfg: DictConfig, hf, total_params: int, trainable_params: in
     lp_copies = 1 if actor.get("entropy_from_logits_with_chunking") else 3
     logprobs = MemoryEstimate("log-probs", t_lp, lp_copies * t_lp * vocab * b / GB, t_lp * per_token / GB,
                               4 * total_params / gpus / GB)
+    if from_update and not arr.actor.get("use_kl_loss"):  # no log-prob pass runs (nor the reference's)
+        return update
     return max(update, logprobs, key=lambda e: e.total)
 
 
