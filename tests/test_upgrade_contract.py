@@ -634,7 +634,8 @@ def test_the_old_log_prob_pass_perl_skips_is_the_one_verl_runs_and_its_metrics_a
     adds to the batch's extra info (keeping PeRL's flag); `ppo_loss` reads old_log_probs from the
     micro-batch and reports the entropy's global aggregate as `actor/entropy_loss`; the engine's packed
     path computes entropy through `self.compute_entropy_from_logits`, its padded path with
-    `verl_F.entropy_from_logits`."""
+    `verl_F.entropy_from_logits` on logits divided by the temperature (the layout PeRL's padded-path
+    entropy repeats: tests/dist/verl_engine.py compares the two)."""
     import hashlib
     import inspect
     import re
@@ -656,3 +657,5 @@ def test_the_old_log_prob_pass_perl_skips_is_the_one_verl_runs_and_its_metrics_a
     assert 'metrics["actor/entropy_loss"] = Metric(value=entropy_loss, aggregation=metric_aggregation)' in losses
     engine = _source("verl.workers.engine.fsdp.transformer_impl")
     assert engine.count("self.compute_entropy_from_logits(") == 2 and "entropy = verl_F.entropy_from_logits(logits)" in engine
+    # PeRL's padded-path entropy (PerlFSDPEngine._outputs_with_metric_entropy) scales as verl does
+    assert "return logits / temperature.clamp(min=1e-8).to(logits.dtype)" in engine
