@@ -344,11 +344,11 @@ class PerlFSDPEngine(FSDPEngineWithLMHead):
         entropy_in_loss = bool(tu.get_non_tensor_data(data=data, key="calculate_entropy", default=False))
         tu.assign_non_tensor(data, calculate_entropy=True)
         compute = self.compute_entropy_from_logits
-        padded = not tu.get_non_tensor_data(data=data, key="use_remove_padding", default=True)
-        if not entropy_in_loss and padded and not tu.get_non_tensor_data(data=data, key="use_fused_kernels",
-                                                                         default=False):
-            tu.assign_non_tensor(data, **{METRIC_ENTROPY: True})  # `_outputs_with_metric_entropy`
-        if not entropy_in_loss:  # the packed path's entropy: no gradient, in row chunks (no logits-sized copies)
+        packed = tu.get_non_tensor_data(data=data, key="use_remove_padding", default=True)
+        if not entropy_in_loss and not packed:
+            if not tu.get_non_tensor_data(data=data, key="use_fused_kernels", default=False):
+                tu.assign_non_tensor(data, **{METRIC_ENTROPY: True})  # `_outputs_with_metric_entropy`
+        elif not entropy_in_loss:  # the packed path's entropy: no gradient, in row chunks (no logits-sized copies)
             from verl.utils.torch_functional import entropy_from_logits_with_chunking
 
             chunk = int(self.engine_config.entropy_from_logits_chunk_size)

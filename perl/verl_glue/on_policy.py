@@ -63,14 +63,9 @@ def old_log_probs_source(cfg) -> tuple[str, str]:
     """("update", why) where the update's forward gives the old log-probs; ("pass", why) where verl's
     separate pass runs (or verl's bypass mode takes the rollout's log-probs instead)."""
     from perl.verl_glue.config.batches import updates_per_step
-    from perl.verl_glue.config.blocks import OLD_LOG_PROBS_MODES
-    from perl.verl_glue.config.errors import ConfigError
 
     perl = cfg.get("perl") or {}
-    mode = perl.get("old_log_probs", "auto")
-    if mode not in OLD_LOG_PROBS_MODES:  # the config's derive step refuses it first (read_perl_blocks)
-        raise ConfigError(f"perl.old_log_probs: {mode!r} is not one of {', '.join(OLD_LOG_PROBS_MODES)}")
-    if mode == "recompute":
+    if perl.get("old_log_probs", "auto") == "recompute":  # any other value than auto: refused by read_perl_blocks
         return "pass", "perl.old_log_probs=recompute"
     updates = updates_per_step(cfg)
     if updates != 1:

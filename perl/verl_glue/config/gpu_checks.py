@@ -180,14 +180,10 @@ def estimate_memory(cfg: DictConfig, hf, total_params: int, trainable_params: in
         return int(budget) if dynamic else math.ceil(int(micro or 1) * seq / sp)
 
     t_up = tokens(actor.use_dynamic_bsz, actor.ppo_max_token_len_per_gpu, actor.ppo_micro_batch_size_per_gpu)
-    rmpad = bool(arr.model.get("use_remove_padding"))
-    copies = 2 if rmpad else 3
-    entropy_in_loss = bool(actor.get("calculate_entropy") or float(actor.entropy_coeff or 0) != 0)
-    from_update = old_log_probs_source(cfg)[0] == "update"
-    # the entropy's softmax beside the logits when it is in the loss; where the update gives the old
-    # log-probs it computes the step's entropy for the metric in row chunks without a gradient
-    # (perl.verl_glue.engine), and no log-prob pass runs
-    copies += 1 if entropy_in_loss else 0
+    copies = 2 if arr.model.get("use_remove_padding") else 3
+    # +1: the entropy's softmax when it is in the loss (where the update gives the old log-probs it
+    # computes the step's entropy for the metric in row chunks without a gradient: perl.verl_glue.engine)
+    copies += 1 if (actor.get("calculate_entropy") or float(actor.entropy_coeff or 0) != 0) else 0
     checkpointing = bool(arr.model.get("enable_gradient_checkpointing"))
     acts = t_up * (layers * h * b + per_token) if checkpointing else t_up * layers * per_token
     update = MemoryEstimate("update", t_up, copies * t_up * vocab * b / GB, acts / GB, states / GB)
@@ -196,8 +192,8 @@ def estimate_memory(cfg: DictConfig, hf, total_params: int, trainable_params: in
     lp_copies = 1 if actor.get("entropy_from_logits_with_chunking") else 3
     logprobs = MemoryEstimate("log-probs", t_lp, lp_copies * t_lp * vocab * b / GB, t_lp * per_token / GB,
                               4 * total_params / gpus / GB)
-    if from_update and not arr.actor.get("use_kl_loss"):  # no log-prob pass runs (nor the reference's)
-        return update
+    if old_log_probs_source(cfg)[0] == "update" and not actor.get("use_kl_loss"):
+        return update  # no log-prob pass runs (nor a reference policy's)
     return max(update, logprobs, key=lambda e: e.total)
 
 
