@@ -34,6 +34,26 @@ def test_the_cpu_profile_selects_perls_manager_and_in_process_scoring(paths, cfg
     assert own.actor_rollout_ref.rollout.agent.agent_loop_manager_class == "my.Manager"
 
 
+def test_the_cpu_profile_starts_one_agent_loop_worker_for_a_small_step_and_two_for_a_larger_one(paths, cfg):
+    """Each worker is a process that imports verl and vLLM before the first step (~9 s of CPU on the
+    2 cores everything else starts on); a second one pays only with enough completions a step."""
+    from perl.verl_glue.config.cpu import ONE_AGENT_WORKER_UP_TO
+
+    def workers(*extra):
+        return vc.compose({}, ready(paths, "trainer.device=cpu", "trainer.n_gpus_per_node=1",
+                                    *extra)).actor_rollout_ref.rollout.agent.num_workers
+
+    assert ONE_AGENT_WORKER_UP_TO == 64
+    assert cfg.actor_rollout_ref.rollout.agent.num_workers == 2  # the paper's batch
+    assert workers("data.train_batch_size=4", "actor_rollout_ref.rollout.n=4") == 1  # the e2e tests' 16
+    assert workers("data.train_batch_size=8", "actor_rollout_ref.rollout.n=8") == 1  # SmolLM2's 64
+    assert workers("data.train_batch_size=8", "actor_rollout_ref.rollout.n=9") == 2  # 72
+    assert workers("data.train_batch_size=4", "actor_rollout_ref.rollout.n=4",
+                   "actor_rollout_ref.rollout.agent.num_workers=3") == 3  # the recipe's own number stands
+    gpu = vc.compose({}, ready(paths, "data.train_batch_size=4", "actor_rollout_ref.rollout.n=4"))
+    assert gpu.actor_rollout_ref.rollout.agent.num_workers == 8  # a GPU node: verl's default
+
+
 def _bare_worker(cfg):
     """The worker's state that `_agent_loop` reads, without Ray, vLLM or TransferQueue."""
     from verl.utils import hf_tokenizer

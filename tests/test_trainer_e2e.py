@@ -266,13 +266,16 @@ def assert_quiet_console(run_dir: str, log: str, steps: int) -> None:
     assert f"torch on {torch_threads()} thread(s)" in train_log
     assert "should not exceed total physical CPU cores" not in train_log
     assert "requests go to it without verl's load balancer" in train_log  # OneServerClient
-    assert "[perl] 2 agent-loop worker(s), started with the rollout servers" in train_log  # start_workers_early
+    # start_workers_early, as many as the CPU profile derived: one for these runs' 16 completions a step
+    # (config/cpu.py, agent_loop_workers; the toy's 128 get two)
+    assert "[perl] 1 agent-loop worker(s), started with the rollout servers" in train_log
     assert "[perl] TransferQueue started beside verl's task runner" in train_log  # entry.start_transfer_queue_early
     # rollout_server_vllm.start_server_early, and verl took that process (no fallback to its own)
     assert "[perl] rollout server's process started beside the actor's" in train_log
     assert "verl's own server starts instead" not in train_log
     resolved = OmegaConf.load(os.path.join(run_dir, "resolved_config.yaml"))
     assert resolved.trainer.default_local_dir == run_dir and resolved.perl.console == "quiet"
+    assert resolved.actor_rollout_ref.rollout.agent.num_workers == 1
 
 
 def assert_checkpoint(run_dir: str, step: int, method: str) -> None:

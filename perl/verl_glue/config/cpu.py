@@ -61,6 +61,8 @@ def cpu_settings(cfg: DictConfig, users: UserLayers) -> DictConfig:
     for key, default in cpu_defaults().items():
         if users.value(key)[0] is None:
             layer[key] = default
+    if users.value(AGENT_WORKERS_KEY)[0] is None:
+        layer[AGENT_WORKERS_KEY] = agent_loop_workers(cfg)
     layer["ray_kwargs.ray_init.num_gpus"] = int(cfg.trainer.n_gpus_per_node) * int(cfg.trainer.nnodes)
     for name, value in thread_env().items():
         key = f"ray_kwargs.ray_init.runtime_env.env_vars.{name}"
@@ -69,6 +71,26 @@ def cpu_settings(cfg: DictConfig, users: UserLayers) -> DictConfig:
     # the user asked for the CPU platform: every Ray process of the run selects it (request_cpu_platform)
     layer[f"ray_kwargs.ray_init.runtime_env.env_vars.{PLATFORM_ENV}"] = CPU_DEVICE
     return merge(cfg, nested(layer), "trainer.device=cpu settings", allow_new=True)
+
+
+AGENT_WORKERS_KEY = "actor_rollout_ref.rollout.agent.num_workers"
+# Completions per step (prompts x G, before dynamic sampling's refills) up to which one agent-loop
+# worker is enough on the CPU profile; above, two.
+ONE_AGENT_WORKER_UP_TO = 64
+
+
+def agent_loop_workers(cfg: DictConfig) -> int:
+    """The CPU profile's agent-loop workers (verl's default is 8), where the recipe names none: one
+    for up to `ONE_AGENT_WORKER_UP_TO` completions a step, two above. Each completion costs a few ms
+    of Python in its worker (the server call, scoring, the TransferQueue record), so on the toy's
+    128 a step one worker is the generation's bottleneck; but each worker is a process that spends
+    ~9 s of CPU importing verl and vLLM before the first step, on the same 2 cores as everything else
+    starting then. Measured (docs/benchmarks.md, "Agent-loop workers"): 16 completions a step, one
+    worker: the same steps, first step 5 s sooner; the toy's 128, two workers: steps 3% faster
+    (generation 0.1-0.15 s), first step 4 s later. SmolLM2's 64 a step take 12-19 s of vLLM's compute,
+    beside which one worker's Python is a fraction of a second."""
+    completions = int(cfg.data.train_batch_size) * int(cfg.actor_rollout_ref.rollout.n)
+    return 1 if completions <= ONE_AGENT_WORKER_UP_TO else 2
 
 
 def torch_threads() -> int:
