@@ -48,7 +48,7 @@ setup(
         "test": ["pytest>=8"],
     },
     entry_points={
-        "console_scripts": ["perl=perl.cli:main"],
+        "console_scripts": ["perl=perl.cli:console_main"],
         # verl imports these in every process (driver, task runner, workers): the CPU platform
         # and the filter that shows a warning verl repeats per request once
         "verl.plugins": ["perl_cpu_platform = perl.verl_glue.cpu_platform", "perl_log_once = perl.verl_glue.log_once"],

@@ -412,5 +412,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def console_main() -> int:
+    """The `perl` command (setup.py's console script): `main()`, then the process ends without the
+    interpreter's last collection (perl.cli_exit)."""
+    from perl.cli_exit import without_final_collection
+
+    return without_final_collection(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())
