@@ -85,7 +85,7 @@ def agent_loop_workers(cfg: DictConfig) -> int:
     of Python in its worker (the server call, scoring, the TransferQueue record), so on the toy's
     128 a step one worker is the generation's bottleneck; but each worker is a process that spends
     ~9 s of CPU importing verl and vLLM before the first step, on the same 2 cores as everything else
-    starting then. Measured (docs/benchmarks.md, "Agent-loop workers"): 16 completions a step, one
+    starting then. Measured (docs/benchmarks.md, "Start-up work per launch"): 16 completions a step, one
     worker: the same steps, first step 5 s sooner; the toy's 128, two workers: steps 3% faster
     (generation 0.1-0.15 s), first step 4 s later. SmolLM2's 64 a step take 12-19 s of vLLM's compute,
     beside which one worker's Python is a fraction of a second."""
