@@ -43,11 +43,12 @@ def test_the_cpu_profile_starts_one_agent_loop_worker_for_a_small_step_and_two_f
         return vc.compose({}, ready(paths, "trainer.device=cpu", "trainer.n_gpus_per_node=1",
                                     *extra)).actor_rollout_ref.rollout.agent.num_workers
 
-    assert ONE_AGENT_WORKER_UP_TO == 64
+    assert ONE_AGENT_WORKER_UP_TO == 32
     assert cfg.actor_rollout_ref.rollout.agent.num_workers == 2  # the paper's batch
     assert workers("data.train_batch_size=4", "actor_rollout_ref.rollout.n=4") == 1  # the e2e tests' 16
-    assert workers("data.train_batch_size=8", "actor_rollout_ref.rollout.n=8") == 1  # SmolLM2's 64
-    assert workers("data.train_batch_size=8", "actor_rollout_ref.rollout.n=9") == 2  # 72
+    assert workers("data.train_batch_size=4", "actor_rollout_ref.rollout.n=8") == 1  # 32
+    assert workers("data.train_batch_size=4", "actor_rollout_ref.rollout.n=9") == 2  # 36
+    assert workers("data.train_batch_size=8", "actor_rollout_ref.rollout.n=8") == 2  # SmolLM2's 64
     assert workers("data.train_batch_size=4", "actor_rollout_ref.rollout.n=4",
                    "actor_rollout_ref.rollout.agent.num_workers=3") == 3  # the recipe's own number stands
     gpu = vc.compose({}, ready(paths, "data.train_batch_size=4", "actor_rollout_ref.rollout.n=4"))

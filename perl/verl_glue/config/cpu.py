@@ -76,7 +76,7 @@ def cpu_settings(cfg: DictConfig, users: UserLayers) -> DictConfig:
 AGENT_WORKERS_KEY = "actor_rollout_ref.rollout.agent.num_workers"
 # Completions per step (prompts x G, before dynamic sampling's refills) up to which one agent-loop
 # worker is enough on the CPU profile; above, two.
-ONE_AGENT_WORKER_UP_TO = 64
+ONE_AGENT_WORKER_UP_TO = 32
 
 
 def agent_loop_workers(cfg: DictConfig) -> int:
@@ -87,8 +87,9 @@ def agent_loop_workers(cfg: DictConfig) -> int:
     ~9 s of CPU importing verl and vLLM before the first step, on the same 2 cores as everything else
     starting then. Measured (docs/benchmarks.md, "Start-up work per launch"): 16 completions a step, one
     worker: the same steps, first step 5 s sooner; the toy's 128, two workers: steps 3% faster
-    (generation 0.1-0.15 s), first step 4 s later. SmolLM2's 64 a step take 12-19 s of vLLM's compute,
-    beside which one worker's Python is a fraction of a second."""
+    (generation 0.1-0.15 s), first step 4 s later. The SmolLM2 example (64 a step) keeps two: one
+    made its test no faster (its steps are vLLM's and the update's compute), and its held-out gains
+    were measured with two (+0.242/+0.246/+0.258 in 5 steps; with one +0.188/+0.223, unseeded runs)."""
     completions = int(cfg.data.train_batch_size) * int(cfg.actor_rollout_ref.rollout.n)
     return 1 if completions <= ONE_AGENT_WORKER_UP_TO else 2
 
