@@ -19,7 +19,9 @@ def test_a_command_ends_with_the_heap_frozen_and_its_exit_work_done(tmp_path):
         atexit.register(lambda: open({str(tmp_path / "atexit")!r}, "w").write("ran"))
         kept = tempfile.TemporaryDirectory(dir={str(tmp_path)!r})  # removed at exit by its finalizer
         open({str(tmp_path / "dir")!r}, "w").write(kept.name)
-        out = open({str(tmp_path / "out")!r}, "w")  # buffered, never closed: flushed when freed
+        freed = open({str(tmp_path / "freed")!r}, "w")  # buffered, never closed: flushed when freed
+        freed.write("written")
+        out = open({str(tmp_path / "out")!r}, "w")  # buffered, never closed, and also in a cycle
         out.write("written")
         cycle = [out]
         cycle.append(cycle)  # the file is also in a reference cycle, which the frozen heap keeps
@@ -34,6 +36,7 @@ def test_a_command_ends_with_the_heap_frozen_and_its_exit_work_done(tmp_path):
     assert proc.stdout.split() == ["0", "True"]  # nothing frozen before; the whole heap after
     assert (tmp_path / "atexit").read_text() == "ran"
     assert not os.path.exists((tmp_path / "dir").read_text())
+    assert (tmp_path / "freed").read_text() == "written"  # freed by reference count at exit: flushed
     # a file left open in a cycle is not closed by the skipped collection: its buffered text is lost,
     # which is why a command calls this last, with its own files closed (the CLI writes through `with`)
     assert (tmp_path / "out").read_text() == ""
