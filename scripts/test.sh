@@ -19,10 +19,14 @@ fi
 # and the test was still running after 15 min, against 595 s alone: two torch/OpenMP and two vLLM
 # thread pools spinning on the same cores).
 net_log=$(mktemp)
-python -m pytest -q -m network tests > "$net_log" 2>&1 &
+python -m pytest -q -n 0 -m network tests > "$net_log" 2>&1 &
 net_pid=$!
+# First the tests that run single-threaded (the fast tier and the slow ones that start no trainer,
+# vLLM or torchrun), one pytest-xdist worker per core (tests/conftest.py); then the ones that keep both
+# cores busy, in one process. The fast tier took 138 s in one process and 84 s in two.
 rc=0
-python -m pytest -q --durations=15 -m "not network" tests || rc=$?  # the slowest 15: where CI time goes
+python -m pytest -q -m "not network and not (ray or vllm or dist)" tests || rc=$?
+python -m pytest -q --durations=15 -m "not network and (ray or vllm or dist)" tests || rc=$?  # the slowest 15: where CI time goes
 net_rc=0
 wait "$net_pid" || net_rc=$?
 echo "--- the network-marked tests (run beside the others): ---"

@@ -8,8 +8,35 @@ import torch
 
 from perl.models import build_model
 
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") != "1":
+    # Two workers on two cores: one torch thread each. With torch's default (a thread per core) in
+    # both, OpenMP's spinning threads contend and the fast tier took as long as in one process.
+    torch.set_num_threads(1)
+
 ARCHS = ("tiny-qwen2", "tiny-llama")
 VOCAB = 256
+
+
+# Tests that keep both cores busy (a trainer launch, vLLM, torchrun workers): one at a time.
+BOTH_CORES_MARKERS = ("ray", "vllm", "dist")
+
+
+def pytest_xdist_auto_num_workers(config):
+    """How many pytest-xdist workers `-n auto` (pytest.ini) starts: 2 (one per core) when the `-m`
+    expression leaves out every test that keeps both cores busy, else none (one process).
+
+    The rest are single-threaded (tests/conftest.py gives each worker one torch thread): the fast
+    tier took 138 s in one process and 84 s in two. Trainer launches side by side were slower than one
+    after the other (docs/benchmarks.md, "Start-up work per launch"). An explicit `-n N` overrides this.
+    """
+    from _pytest.mark.expression import Expression  # pytest's own evaluator of `-m`
+
+    if not config.option.markexpr:
+        return 0
+    expression = Expression.compile(config.option.markexpr)
+    if any(expression.evaluate(lambda name, **_: name in ("slow", marker)) for marker in BOTH_CORES_MARKERS):
+        return 0
+    return max(1, min(2, os.cpu_count() or 1))
 
 
 def fresh_base(arch: str, seed: int = 0):
