@@ -28,6 +28,10 @@ from perl.models import KNOWN_CONFIGS
 from perl.verl_glue import config as vc
 from perl.verl_glue.entry import prepare
 
+# One pytest-xdist worker runs this whole file (pytest.ini: --dist loadgroup): its tests share each
+# recipe's dry run (`resolve`, ~1.5 s each), which two workers would each compute again.
+pytestmark = pytest.mark.xdist_group("recipes")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE_DIR = os.path.join(ROOT, "recipes")
 DRIVER = os.path.join(RECIPE_DIR, "_run.sh")

@@ -45,26 +45,45 @@ def _leaves(node: Any, prefix: str = ""):
         yield prefix, node
 
 
+_TYPED_DEFAULTS: list[tuple[str, str, Any]] | None = None
+
+
+def _typed_defaults() -> list[tuple[str, str, Any]]:
+    """(key, kind, default) of every number or bool in verl's defaults, computed once a process: the
+    defaults are fixed, and walking them (a copy of verl's whole tree) was most of this check's time."""
+    global _TYPED_DEFAULTS
+    if _TYPED_DEFAULTS is None:
+        from .compose import verl_defaults
+
+        defaults = OmegaConf.to_container(verl_defaults(), resolve=False)
+        _TYPED_DEFAULTS = [(key, kind, default) for key, default in _leaves(defaults)
+                           if (kind := _kind(default)) is not None]
+    return _TYPED_DEFAULTS
+
+
+def _select(values: dict, key: str) -> Any:
+    """`OmegaConf.select(tree, key, default=None)` on the plain container (a dotted key, no lists)."""
+    node: Any = values
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return None if node == "???" else node  # a missing value (OmegaConf's MISSING), as select gives
+
+
 def check_types(cfg: DictConfig) -> None:
     """Refuse a value whose type is not the one verl's default has, or a size below its minimum,
     naming the key (ConfigError)."""
-    from .compose import verl_defaults
-
     try:
         values = OmegaConf.to_container(cfg, resolve=True)
     except Exception as e:  # an interpolation that does not resolve
         raise ConfigError(f"config: {e}") from None
-    tree = OmegaConf.create(values)
-    defaults = OmegaConf.to_container(verl_defaults(), resolve=False)
-    for key, default in _leaves(defaults):
-        kind = _kind(default)
-        if kind is None:
-            continue
-        value = OmegaConf.select(tree, key, default=None)
+    for key, kind, default in _typed_defaults():
+        value = _select(values, key)
         if value is None or _kind(value) == kind:
             continue
         raise ConfigError(f"{key}={value!r}: verl expects a {kind} here (its default is {default!r})")
     for key, minimum in MINIMUM.items():
-        value = OmegaConf.select(tree, key, default=None)
+        value = _select(values, key)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value < minimum:
             raise ConfigError(f"{key}={value}: must be >= {minimum:g}")
