@@ -46,6 +46,30 @@ def test_a_failing_phase_names_its_log_and_shows_the_tail_and_the_traceback_stay
     print("after the phase")  # the process's stdout is back where it was
 
 
+def test_a_library_logger_set_up_in_one_phase_logs_into_the_next_phases_log(tmp_path):
+    """As `perl train` runs (a process whose stdout is fd 1): a library that builds its logging
+    handler inside one phase (vLLM's, imported by the "before" evaluation) keeps logging in the
+    phases after it, into their logs, without "Logging error" tracebacks in their place."""
+    script = f"""
+import io, logging, sys
+from perl.verl_glue.console import Console
+console = Console({str(tmp_path)!r}, stream=io.StringIO())
+with console.phase("eval_before"):
+    logger = logging.getLogger("a_library")
+    logger.addHandler(logging.StreamHandler(sys.stdout))  # the stream as the library finds it
+    logger.setLevel(logging.INFO)
+    logger.info("set up before")
+with console.phase("eval_after"):
+    logger.info("logged after")
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    after = open(tmp_path / "logs" / "eval_after.log").read()
+    assert "logged after" in after and "Logging error" not in after, after
+    assert "set up before" in open(tmp_path / "logs" / "eval_before.log").read()
+    assert "logged after" not in open(tmp_path / "logs" / "eval_before.log").read()
+
+
 def test_verbose_keeps_the_libraries_output_on_the_terminal(tmp_path, capfd):
     console = Console(str(tmp_path), verbose=True, stream=io.StringIO())
     with console.phase("train"):

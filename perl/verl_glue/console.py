@@ -27,6 +27,14 @@ LOGS_DIR = "logs"
 TAIL_LINES = 40
 
 
+def _is_fd(stream: TextIO, fd: int) -> bool:
+    """Whether `stream` writes to file descriptor `fd` (which the phase points at its log)."""
+    try:
+        return stream.fileno() == fd
+    except (AttributeError, OSError, ValueError):  # io.StringIO, pytest's capture, a closed stream
+        return False
+
+
 def tail(path: str, n: int = TAIL_LINES) -> list[str]:
     if not os.path.exists(path):
         return []
@@ -63,12 +71,17 @@ class Console:
         sys.stderr.flush()
         saved = os.dup(1), os.dup(2)
         log = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        # Python's own streams too, where they are not fd 1/2 (pytest's capture, a notebook)
+        # Python's own streams too, but only where they are not fds 1/2 already (pytest's capture, a
+        # notebook): a logging handler that a library creates inside the phase keeps the stream it
+        # found, and a stream closed with the phase would lose every later record of that library
+        # (vLLM's logger, set up in the "before" evaluation, in the trainer and the "after" one)
         text = os.fdopen(os.dup(log), "a", buffering=1)
+        redirect_out = contextlib.redirect_stdout(text) if not _is_fd(sys.stdout, 1) else contextlib.nullcontext()
+        redirect_err = contextlib.redirect_stderr(text) if not _is_fd(sys.stderr, 2) else contextlib.nullcontext()
         try:
             os.dup2(log, 1)
             os.dup2(log, 2)
-            with contextlib.redirect_stdout(text), contextlib.redirect_stderr(text):
+            with redirect_out, redirect_err:
                 try:
                     yield path
                 except BaseException:
