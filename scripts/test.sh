@@ -18,6 +18,14 @@ fi
 # toy's end-to-end tests the SmolLM2 run's actor update took 83, 125, 158 s in its first three steps
 # and the test was still running after 15 min, against 595 s alone: two torch/OpenMP and two vLLM
 # thread pools spinning on the same cores).
+# One model cache for the whole run: tests/test_cold_start.py builds the toy's cold start and converts
+# the SmolLM2 GGUF in the two-worker lane, beside the other single-threaded tests (that lane took
+# 147 -> 213 s), and the trainer tests after it find them (they took 69 s and 21 s there, alone).
+if [ -z "${PERL_TEST_CACHE:-}" ]; then
+  PERL_TEST_CACHE=$(mktemp -d)
+  export PERL_TEST_CACHE
+  trap 'rm -rf "$PERL_TEST_CACHE"' EXIT
+fi
 net_log=$(mktemp)
 python -m pytest -q -n 0 -m network tests > "$net_log" 2>&1 &
 net_pid=$!
