@@ -139,6 +139,18 @@ def test_each_completion_gets_a_seed_of_its_own_reproducible_across_runs():
     assert len(others) == 5 and group[0] not in others
 
 
+def test_vllm_requests_ask_for_tokens_only_unless_stop_strings_need_the_text():
+    """verl's server reads token ids and log-probs only; vLLM would decode both (tests/test_vllm_cpu.py
+    checks the same tokens and log-probs come back without it)."""
+    from perl.verl_glue.agent_loop import token_only
+
+    assert token_only({"temperature": 1.0, "logprobs": True}, "vllm") == {"temperature": 1.0, "logprobs": True,
+                                                                         "detokenize": False}
+    assert "detokenize" not in token_only({"stop": ["</answer>"]}, "vllm")  # stop strings match on text
+    assert token_only({"detokenize": True}, "vllm")["detokenize"] is True  # a caller's choice stands
+    assert "detokenize" not in token_only({"temperature": 1.0}, "sglang")  # another engine's params
+
+
 def test_with_one_server_every_request_goes_to_it_without_the_load_balancer(cfg):
     """OneServerClient: verl's `generate` (its request id, sampling params and step bookkeeping)
     against the one server it was given; no load-balancer handle exists to ask (None: asking it would

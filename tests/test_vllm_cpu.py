@@ -109,7 +109,16 @@ weights = load_file(os.path.join({other!r}, "model.safetensors"))
 kept = llm.apply_model(lambda m: all(p.numel() > 0 for n, p in m.named_parameters() if n.endswith("proj.weight")))
 llm.apply_model(lambda m: m.load_weights(list(weights.items())) and None)
 after = gen()
-print("RESULT", json.dumps({{"before": before, "after": after, "kept": kept}}))
+# what the agent loop asks of verl's server (perl.verl_glue.agent_loop.token_only): tokens and their
+# log-probs without detokenizing; the same seeded draw with and without it
+def sampled(detokenize):
+    params = SamplingParams(temperature=1.0, max_tokens=12, ignore_eos=True, seed=7, logprobs=0, detokenize=detokenize)
+    out = llm.generate([TokensPrompt(prompt_token_ids=prompt)], params, use_tqdm=False)[0].outputs[0]
+    return {{"ids": list(out.token_ids), "lp": [d[t].logprob for t, d in zip(out.token_ids, out.logprobs)],
+            "text": out.text, "decoded": [d[t].decoded_token for t, d in zip(out.token_ids, out.logprobs)]}}
+token_only, detokenized = sampled(False), sampled(True)
+print("RESULT", json.dumps({{"before": before, "after": after, "kept": kept, "token_only": token_only,
+                            "detokenized": detokenized}}))
 """
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
                           env=dict(os.environ, HF_HUB_OFFLINE="1"))
@@ -120,3 +129,7 @@ print("RESULT", json.dumps({{"before": before, "after": after, "kept": kept}}))
     assert all(result["kept"])  # every linear still holds its weight after loading
     assert result["before"] == _greedy_hf(toy_model, prompt, 12)
     assert result["after"] == _greedy_hf(other, prompt, 12) != result["before"]
+    token_only, detokenized = result["token_only"], result["detokenized"]
+    assert token_only["ids"] == detokenized["ids"] and token_only["lp"] == detokenized["lp"]
+    assert detokenized["text"] and all(detokenized["decoded"])  # vLLM's default decodes every token twice
+    assert token_only["text"] == "" and not any(token_only["decoded"])  # skipped
