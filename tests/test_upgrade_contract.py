@@ -602,8 +602,9 @@ def test_the_rollout_server_perl_starts_early_is_the_one_verl_would_start():
     """perl.verl_glue.rollout_server (patches/README.md #12): verl 0.9.1's `vLLMReplica.launch_servers`
     creates the server through `self.server_class.options(...)` with the name, environment, node and
     concurrency `early_server_options` predicts, and its `__init__` keywords are what `start` passes
-    on; the manager reads `rollout_replica_class`; `_setup` builds the resource pools (where PeRL
-    starts the server) before the actor's `init_model`, and the server manager after it."""
+    on; the manager reads `rollout_replica_class`; the task runner's `run` (where PeRL starts the
+    server, first) builds the trainer and then initialises it, whose `_setup` starts the actor's
+    `init_model` before the server manager."""
     import hashlib
     import inspect
 
@@ -622,6 +623,10 @@ def test_the_rollout_server_perl_starts_early_is_the_one_verl_would_start():
     assert list(inspect.signature(vLLMHttpServer.__init__).parameters)[:10] == [
         "self", "config", "model_config", "rollout_mode", "workers", "replica_rank", "node_rank",
         "gpus_per_node", "nnodes", "cuda_visible_devices"]
+    from verl.trainer.main_ppo import TaskRunnerV1
+
+    run = inspect.getsource(TaskRunnerV1.run)
+    assert run.index("self.trainer = trainer_cls(config=config)") < run.index("self.trainer.init()")
     setup = inspect.getsource(PPOTrainer._setup)
     assert (setup.index("self._init_resource_pool_mgr()") < setup.index("self.actor_rollout_wg.init_model()")
             < setup.index("LLMServerManager.create("))

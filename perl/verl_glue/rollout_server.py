@@ -5,8 +5,9 @@ adapter) and only then `LLMServerManager.create`, which starts the vLLM server's
 process then spends ~12 s (on the 2-core box) importing verl's server module (vLLM, torch) on one
 thread, while the other core idles: `vmstat` beside a toy run showed one core of two idle for
 most of the actor's start (docs/benchmarks.md, "The resume test's race ..."). PeRL starts the
-server's process before `init_model`, with the options verl will give it, and no arguments: it
-imports and waits. When verl's replica then creates "its" server (`self.server_class.options(...)
+server's process first thing in the task runner (`_PerlTaskRunner.run`, before verl builds its
+trainer: tokenizer, data sets, worker pools, the actor), with the options verl will give it, and no
+arguments: it imports and waits. When verl's replica then creates "its" server (`self.server_class.options(...)
 .remote(...)` in `vLLMReplica.launch_servers`), `EarlyServerClass` hands it that process and runs
 verl's own `__init__` in it (`PerlvLLMHttpServer.start`); everything after is verl's.
 

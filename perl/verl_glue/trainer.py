@@ -100,20 +100,6 @@ class PerlSyncTrainer(PPOTrainerSync):
         return manager.get_client(client_cls=OneServerClient,
                                   server=(manager.server_addresses[0], manager.server_handles[0]))
 
-    def _init_resource_pool_mgr(self):
-        """verl's, then the rollout server's process started (on the CPU profile), so that its
-        imports run while the actor's process starts (perl.verl_glue.rollout_server)."""
-        super()._init_resource_pool_mgr()
-        from perl.verl_glue.rollout_server import early_server_options
-
-        options = early_server_options(self.config)
-        if options is None:  # not the CPU profile's one server: vLLM's classes are not even imported
-            return
-        from perl.verl_glue.rollout_server_vllm import start_server_early
-
-        if start_server_early(options):
-            print("[perl] rollout server's process started beside the actor's", flush=True)
-
     def fit(self, agent_loop_manager):
         run_dir = os.path.abspath(str(self.config.trainer.default_local_dir))
         os.environ.setdefault("TENSORBOARD_DIR", os.path.join(run_dir, "tensorboard"))
@@ -327,8 +313,30 @@ def all_groups_accuracy(metrics: dict, n_kept: int, group_size: int) -> float | 
 register_with_verl()  # the T-SPMO estimator, in the task runner's process too
 
 
+def start_rollout_server_early(config) -> None:
+    """The rollout server's process started now (on the CPU profile), so that its imports run while
+    verl builds the trainer and starts the actor (perl.verl_glue.rollout_server)."""
+    from perl.verl_glue.rollout_server import early_server_options
+
+    options = early_server_options(config)
+    if options is None:  # not the CPU profile's one server: vLLM's classes are not even imported
+        return
+    from perl.verl_glue.rollout_server_vllm import start_server_early
+
+    if start_server_early(options):
+        print("[perl] rollout server's process started beside the actor's", flush=True)
+
+
 class _PerlTaskRunner(TaskRunnerV1.__ray_actor_class__):
     """verl's V1 task runner; defined here so that its Ray process registers `PerlSyncTrainer`."""
+
+    def run(self, config):
+        """verl's, with the rollout server's process started first: before verl's trainer builds
+        its tokenizer, data sets and worker pools (~3-4 s of the task runner's CPU on the 2-core
+        box, while the other core idles), not after them (docs/benchmarks.md, "The rollout server's
+        process from the task runner's start")."""
+        start_rollout_server_early(config)
+        return super().run(config)
 
 
 PerlTaskRunner = ray.remote(_PerlTaskRunner)
